@@ -1,0 +1,195 @@
+"""From `{key: tensor}` + header metadata to factors placed on Flax params trees.
+
+`convert` runs the whole converter side of jlora: detect the format, run its rule
+table, resolve alphas, name every module in each component's params tree, convert
+layouts and check shapes. It returns per-component placements and a report that
+accounts for every source key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections import Counter
+from typing import Mapping
+
+import numpy as np
+
+import converters.formats  # noqa: F401  (registers the formats)
+from converters import engine, layout
+from converters.formats import peft
+from converters.naming import NamingScheme, Path, detect_scheme, get_scheme
+from converters.records import Placement, Record
+from jlora.errors import InvalidAdapterError, KeyMismatchError, UnsupportedFormatError
+
+ShapeIndex = Mapping[Path, tuple[tuple[int, ...], np.dtype]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedModule:
+    component: str
+    module: str
+    path: str
+    keys: tuple[str, ...]
+    rank: int
+    alpha: float
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """Where every key of a LoRA file went.
+
+    Attributes:
+      origin: the file (or `<state dict>`).
+      format: detected (or forced) format name.
+      schemes: component -> naming scheme used.
+      placed: one entry per adapted weight.
+      unmatched: keys no rule of the format understands.
+      unplaced: key -> why it has no target in the params tree.
+      skipped: key -> component it belongs to, when that component was not given.
+      metadata: the file's `lora_adapter_metadata`.
+    """
+
+    origin: str
+    format: str
+    schemes: dict[str, str] = dataclasses.field(default_factory=dict)
+    placed: list[PlacedModule] = dataclasses.field(default_factory=list)
+    unmatched: list[str] = dataclasses.field(default_factory=list)
+    unplaced: dict[str, str] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    metadata: dict = dataclasses.field(default_factory=dict)
+    adapter_name: str | None = None
+
+    @property
+    def loaded_keys(self) -> list[str]:
+        return sorted(k for p in self.placed for k in p.keys)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(p.component for p in self.placed))
+
+    def summary(self) -> str:
+        lines = [f"{self.origin}: format {self.format}"]
+        for comp, n in sorted(self.counts().items()):
+            ranks = sorted({p.rank for p in self.placed if p.component == comp})
+            alphas = sorted({p.alpha for p in self.placed if p.component == comp})
+            lines.append(f"  {comp}: {n} modules, ranks {ranks}, alphas {alphas}, scheme {self.schemes.get(comp)}")
+        for title, keys in (("unmatched", self.unmatched), ("unplaced", list(self.unplaced)), ("skipped", list(self.skipped))):
+            if keys:
+                lines.append(f"  {title}: {len(keys)} keys, e.g. {keys[:3]}")
+        return "\n".join(lines)
+
+
+def _assign_components(records: list[Record], targets: Mapping[str, ShapeIndex], default_component, origin) -> list[Record]:
+    out = []
+    for rec in records:
+        comp = rec.component or default_component
+        if comp is None:
+            if len(targets) != 1:
+                raise KeyMismatchError(
+                    f"{origin}: key {rec.keys[0]!r} has no component prefix (unet./text_encoder./...) and "
+                    f"several components were given {sorted(targets)}; use load_lora(..., component=...)."
+                )
+            comp = next(iter(targets))
+        out.append(dataclasses.replace(rec, component=comp))
+    return out
+
+
+def _place(rec: Record, index: ShapeIndex, scheme: NamingScheme, alpha: float | None) -> Placement | None:
+    path = scheme.to_path(rec.module) + (scheme.weight,)
+    if path not in index:
+        return None
+    shape, _ = index[path]
+    a, b = layout.factors_to_flax(
+        rec.tensors["down"], rec.tensors["up"], shape, key=rec.keys[0], path=f"{rec.component}:{'/'.join(path)}"
+    )
+    return Placement(record=rec, path=path, a=a, b=b, alpha=float(rec.rank if alpha is None else alpha))
+
+
+def _suggest(module: str, index: ShapeIndex, scheme: NamingScheme) -> str:
+    path = scheme.to_path(module)
+    for depth in range(len(path), 0, -1):
+        if any(p[:depth] == path[:depth] for p in index):
+            return f"{'/'.join(path[:depth])} exists but not {'/'.join(path[depth:] + (scheme.weight,))}"
+    return f"no {path[0]!r} at the top of the params tree"
+
+
+def convert(
+    tensors: Mapping[str, np.ndarray],
+    header: Mapping[str, str],
+    targets: Mapping[str, ShapeIndex],
+    *,
+    default_component: str | None = None,
+    format: str | None = None,
+    schemes: Mapping[str, str | NamingScheme] | str | NamingScheme | None = None,
+    strict: bool = True,
+    origin: str = "<state dict>",
+) -> tuple[dict[str, list[Placement]], LoadReport]:
+    """Place the LoRA in `tensors` onto the components in `targets` (component -> shape index).
+
+    Raises:
+      UnsupportedFormatError: no (or ambiguous) format, or no tensors.
+      KeyMismatchError: strict mode and some keys are unknown or name missing modules.
+      ShapeMismatchError: factors do not fit the weight they name.
+      InvalidAdapterError: incomplete or inconsistent modules.
+    """
+    if not tensors:
+        raise UnsupportedFormatError(f"{origin}: holds no tensors.")
+    fmt = engine.get_format(format) if format else engine.detect_format(tensors.keys(), origin)
+    records, unmatched = engine.build_records(fmt, tensors)
+    if not records:
+        raise UnsupportedFormatError(f"{origin}: format {fmt.name} recognised but no complete LoRA module found.")
+    metadata = peft.parse_metadata(header, origin)
+    report = LoadReport(origin=origin, format=fmt.name, unmatched=list(unmatched), metadata=metadata)
+    records = _assign_components(records, targets, default_component, origin)
+
+    if schemes is None or isinstance(schemes, (str, NamingScheme)):
+        schemes = {c: schemes for c in targets}
+    placements: dict[str, list[Placement]] = {c: [] for c in targets}
+    resolved = {c: get_scheme(schemes[c]) if schemes.get(c) else detect_scheme(idx) for c, idx in targets.items()}
+    report.schemes = {c: s.name for c, s in resolved.items()}
+    seen: dict[tuple[str, Path], str] = {}
+    for rec in records:
+        if rec.component not in targets:
+            report.skipped.update({k: rec.component for k in rec.keys})
+            continue
+        alpha = peft.resolve_alpha(rec, peft.component_config(metadata, rec.component))
+        placed = _place(rec, targets[rec.component], resolved[rec.component], alpha)
+        if placed is None:
+            why = f"no weight for module {rec.module!r} in {rec.component}: " + _suggest(
+                rec.module, targets[rec.component], resolved[rec.component]
+            )
+            report.unplaced.update({k: why for k in rec.keys})
+            continue
+        slot = (rec.component, placed.path)
+        if slot in seen:
+            raise InvalidAdapterError(
+                f"{origin}: modules {seen[slot]!r} and {rec.module!r} both target {rec.component}:{'/'.join(placed.path)}."
+            )
+        seen[slot] = rec.module
+        placements[rec.component].append(placed)
+        report.placed.append(
+            PlacedModule(rec.component, rec.module, "/".join(placed.path), rec.keys, rec.rank, placed.alpha)
+        )
+    if not report.placed and report.skipped:
+        found = sorted(set(report.skipped.values()))
+        raise KeyMismatchError(
+            f"{origin}: the LoRA is for components {found} but params were given for {sorted(targets)}; "
+            f"pass those components' params (e.g. component={found[0]!r})."
+        )
+    _check_leftovers(report, strict)
+    return placements, report
+
+
+def _check_leftovers(report: LoadReport, strict: bool) -> None:
+    problems = [f"{k} (no rule of format {report.format} reads it)" for k in report.unmatched]
+    problems += [f"{k} ({why})" for k, why in report.unplaced.items()]
+    if not problems:
+        return
+    listing = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+    if strict:
+        raise KeyMismatchError(
+            f"{report.origin}: {len(problems)} keys cannot be loaded:\n  {listing}\n"
+            "Check that the LoRA matches this model and family; pass strict=False to load the rest "
+            "(the keys are then listed in the report)."
+        )
+    warnings.warn(f"{report.origin}: {len(problems)} keys not loaded (strict=False):\n  {listing}", stacklevel=3)

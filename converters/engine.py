@@ -1,0 +1,182 @@
+"""The conversion engine: rule tables turn a flat `{key: tensor}` dict into records.
+
+A `Format` is data: a detector and a tuple of `Rule`s. Each rule is an anchored
+regex with named groups (`component`, `module`) plus the role the matched tensor
+plays in its module. The engine applies the rules to every key, groups tensors by
+(component, module), checks each group and resolves alpha once for all formats.
+Every key is either consumed by a record or returned as unmatched; the caller's
+dict is never modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from converters.records import Record
+from jlora.errors import InvalidAdapterError, UnsupportedFormatError
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`pattern` (anchored, named groups `component` and `module`) -> `role` of the tensor.
+
+    `module` is a template over the match's groups; `component` maps the matched
+    prefix to a component name through the format's `components` table.
+    """
+
+    pattern: str
+    role: str
+    module: str = "{module}"
+
+    @property
+    def regex(self) -> re.Pattern:
+        return _compile(self.pattern)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A LoRA file format: how to recognise it and how to read its keys."""
+
+    name: str
+    rules: tuple[Rule, ...]
+    detect: Callable[[frozenset[str]], bool]
+    components: Mapping[str | None, str | None] = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+
+_FORMATS: dict[str, Format] = {}
+_compiled: dict[str, re.Pattern] = {}
+
+
+def _compile(pattern: str) -> re.Pattern:
+    if pattern not in _compiled:
+        _compiled[pattern] = re.compile(pattern)
+    return _compiled[pattern]
+
+
+def register_format(fmt: Format) -> Format:
+    """Add a format to the detection registry (later registrations with the same name replace it)."""
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def formats() -> dict[str, Format]:
+    """The registered formats by name."""
+    return dict(_FORMATS)
+
+
+def detect_format(keys: Iterable[str], origin: str = "<state dict>") -> Format:
+    """The one registered format whose detector accepts these keys.
+
+    Raises:
+      UnsupportedFormatError: no format or more than one format matches.
+    """
+    keys = frozenset(keys)
+    hits = [f for f in _FORMATS.values() if f.detect(keys)]
+    if len(hits) == 1:
+        return hits[0]
+    sample = sorted(keys)[:5]
+    if not hits:
+        raise UnsupportedFormatError(
+            f"{origin}: no LoRA format recognised in {len(keys)} keys (first: {sample}). "
+            f"Known formats: {sorted(_FORMATS)}. Is this a LoRA file?"
+        )
+    raise UnsupportedFormatError(
+        f"{origin}: keys match several formats {[f.name for f in hits]}; pass format= to choose one."
+    )
+
+
+def get_format(name: str) -> Format:
+    if name not in _FORMATS:
+        raise UnsupportedFormatError(f"unknown format {name!r}; known formats: {sorted(_FORMATS)}.")
+    return _FORMATS[name]
+
+
+def match_keys(fmt: Format, keys: Iterable[str]) -> tuple[dict[tuple[str, str], dict[str, str]], list[str]]:
+    """Map keys to `{(component, module): {role: key}}`; return it and the unmatched keys."""
+    groups: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    unmatched: list[str] = []
+    for key in sorted(keys):
+        hits = [(rule, m) for rule in fmt.rules if (m := rule.regex.fullmatch(key))]
+        if not hits:
+            unmatched.append(key)
+            continue
+        if len(hits) > 1:
+            raise UnsupportedFormatError(
+                f"key {key!r} matches {len(hits)} rules of format {fmt.name!r} "
+                f"({[r.role for r, _ in hits]}); the rule table is ambiguous."
+            )
+        rule, m = hits[0]
+        found = m.groupdict()
+        component = fmt.components.get(found.get("component"), found.get("component"))
+        module = rule.module.format(**{k: v for k, v in found.items() if v is not None})
+        slot = groups[(component, module)]
+        if rule.role in slot:
+            raise InvalidAdapterError(
+                f"keys {slot[rule.role]!r} and {key!r} both give the {rule.role!r} tensor of "
+                f"{component}.{module}; the file holds duplicate targets."
+            )
+        slot[rule.role] = key
+    return dict(groups), unmatched
+
+
+def _alpha_value(key: str, tensor: np.ndarray) -> float:
+    arr = np.asarray(tensor)
+    if arr.size != 1:
+        raise InvalidAdapterError(f"{key}: alpha must be a scalar, got shape {arr.shape}.")
+    value = float(arr.reshape(()).astype(np.float64))
+    if not np.isfinite(value):
+        raise InvalidAdapterError(f"{key}: alpha is {value}.")
+    return value
+
+
+def _check_lora(component: str, module: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
+    where = f"{component}.{module}" if component else module
+    for need in ("down", "up"):
+        if need not in roles:
+            have = ", ".join(f"{r}={roles[r]!r}" for r in sorted(roles))
+            raise InvalidAdapterError(f"{where}: LoRA module has no {need!r} factor (found {have}).")
+    down, up = tensors[roles["down"]], tensors[roles["up"]]
+    for role, t in (("down", down), ("up", up)):
+        if t.ndim not in (2, 4):
+            raise InvalidAdapterError(f"{roles[role]}: LoRA factor must be 2-D or 4-D, got shape {tuple(t.shape)}.")
+        if not np.issubdtype(t.dtype, np.floating) and t.dtype.kind != "V" and "float" not in str(t.dtype):
+            raise InvalidAdapterError(f"{roles[role]}: LoRA factor has dtype {t.dtype}, expected a float type.")
+    r = down.shape[0]
+    if r == 0:
+        raise InvalidAdapterError(f"{roles['down']}: rank is 0 (shape {tuple(down.shape)}).")
+    if up.shape[1] != r:
+        raise InvalidAdapterError(
+            f"{where}: rank mismatch, {roles['down']} has shape {tuple(down.shape)} (rank {r}) but "
+            f"{roles['up']} has shape {tuple(up.shape)} (rank {up.shape[1]})."
+        )
+    if up.ndim == 4 and up.shape[2:] != (1, 1):
+        raise InvalidAdapterError(f"{roles['up']}: conv LoRA up factor must be 1x1, got shape {tuple(up.shape)}.")
+
+
+def build_records(fmt: Format, tensors: Mapping[str, np.ndarray]) -> tuple[list[Record], list[str]]:
+    """Run `fmt`'s rules over `tensors`; return the records and the keys no rule matched."""
+    groups, unmatched = match_keys(fmt, tensors.keys())
+    records = []
+    for (component, module), roles in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        if set(roles) == {"alpha"}:
+            unmatched.append(roles["alpha"])
+            continue
+        _check_lora(component, module, roles, tensors)
+        alpha = _alpha_value(roles["alpha"], tensors[roles["alpha"]]) if "alpha" in roles else None
+        records.append(
+            Record(
+                component=component,
+                module=module,
+                kind="lora",
+                tensors={role: tensors[k] for role, k in roles.items() if role != "alpha"},
+                alpha=alpha,
+                keys=tuple(sorted(roles.values())),
+            )
+        )
+    return records, sorted(unmatched)

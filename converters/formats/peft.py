@@ -1,0 +1,93 @@
+"""diffusers / PEFT format: `{component}.{module}.lora_A.weight`, `lora_B.weight`, `.alpha`.
+
+Rank and alpha come from the header's `lora_adapter_metadata` (PEFT `LoraConfig`
+fields prefixed by component, incl. `rank_pattern`, `alpha_pattern`,
+`use_rslora`) when present; else from `.alpha` keys; else alpha = rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Mapping
+
+from converters.engine import Format, Rule, register_format
+from converters.records import Record
+from jlora.errors import CorruptFileError, UnsupportedFormatError
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer", "prior")
+METADATA_KEY = "lora_adapter_metadata"
+
+_PREFIX = r"(?:(?P<component>" + "|".join(COMPONENTS) + r")\.)?(?:base_model\.model\.)?"
+_ADAPTER = r"(?:\.[A-Za-z_][\w-]*)?"  # optional PEFT adapter name, e.g. lora_A.default.weight
+
+RULES = (
+    Rule(_PREFIX + r"(?P<module>.+?)\.lora_A" + _ADAPTER + r"\.weight", "down"),
+    Rule(_PREFIX + r"(?P<module>.+?)\.lora_B" + _ADAPTER + r"\.weight", "up"),
+    Rule(_PREFIX + r"(?P<module>.+?)\.alpha", "alpha"),
+)
+
+
+def _detect(keys: frozenset[str]) -> bool:
+    return any(".lora_A." in k or ".lora_B." in k for k in keys)
+
+
+FORMAT = register_format(
+    Format(name="peft", rules=RULES, detect=_detect, description="diffusers / PEFT (lora_A / lora_B)")
+)
+
+
+def parse_metadata(header: Mapping[str, str], origin: str = "<file>") -> dict:
+    """The `lora_adapter_metadata` dict of a safetensors header ({} when absent)."""
+    raw = header.get(METADATA_KEY)
+    if raw is None:
+        return {}
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"{origin}: header {METADATA_KEY!r} is not JSON ({e}).") from None
+    if not isinstance(value, dict):
+        raise CorruptFileError(f"{origin}: header {METADATA_KEY!r} is not a JSON object.")
+    return value
+
+
+def component_config(metadata: Mapping, component: str | None) -> dict:
+    """The LoraConfig fields of one component (`unet.r` -> `r`); unprefixed fields apply to all."""
+    plain = {k: v for k, v in metadata.items() if "." not in k}
+    if component:
+        prefix = f"{component}."
+        plain.update({k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)})
+    return plain
+
+
+def _pattern_value(pattern: Mapping | None, module: str):
+    """PEFT's rule: the first pattern key that matches a dotted suffix of the module name."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def resolve_alpha(record: Record, config: Mapping) -> float | None:
+    """Effective alpha of one module such that alpha / rank is PEFT's scaling.
+
+    Returns None (alpha = rank) when neither the config nor the file gives an alpha.
+    """
+    if not config:
+        return record.alpha
+    if config.get("use_dora"):
+        raise UnsupportedFormatError(
+            f"{record.component}.{record.module}: the file is a DoRA adapter (use_dora=true); DoRA files are not supported yet."
+        )
+    alpha = _pattern_value(config.get("alpha_pattern"), record.module)
+    if alpha is None:
+        alpha = config.get("lora_alpha", record.alpha if record.alpha is not None else config.get("r"))
+    if alpha is None:
+        return None
+    alpha = float(alpha)
+    if config.get("use_rslora"):
+        return alpha * math.sqrt(record.rank)  # rsLoRA scales by alpha / sqrt(r)
+    return alpha

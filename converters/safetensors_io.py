@@ -1,0 +1,132 @@
+"""Read and write safetensors files with numpy only, validating every header field.
+
+The reader never executes code and checks the header against the file before it
+touches any tensor: header length, JSON, dtypes, shapes, offsets in bounds, no
+overlaps. bfloat16 and float8 tensors come back as `ml_dtypes` numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+from jlora.errors import CorruptFileError
+
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def _corrupt(path, why: str) -> CorruptFileError:
+    return CorruptFileError(f"{path}: not a valid safetensors file: {why}.")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
+    """Return `(tensor_entries, metadata, data_start)` of a safetensors file, validated."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, f"file is {size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise _corrupt(path, f"header length {n} does not fit in a file of {size} bytes (truncated?)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(path, f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    spans = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise _corrupt(path, f"entry {key!r} lacks dtype/shape/data_offsets")
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise _corrupt(path, f"tensor {key!r} has unknown dtype {entry['dtype']!r}")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise _corrupt(path, f"tensor {key!r} has invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise _corrupt(path, f"tensor {key!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not 0 <= begin <= end <= data_len or end - begin != expected:
+            raise _corrupt(
+                path,
+                f"tensor {key!r} {entry['dtype']}{shape} has data_offsets {offsets} but needs {expected} "
+                f"bytes inside a data section of {data_len} bytes (truncated or header lies)",
+            )
+        spans.append((begin, end, key))
+    spans.sort()
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise _corrupt(path, f"tensors {k0!r} and {k1!r} overlap in the data section")
+    return header, metadata, 8 + n
+
+
+def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Load every tensor of a safetensors file as numpy arrays, plus its string metadata."""
+    header, metadata, start = read_header(path)
+    tensors: dict[str, np.ndarray] = {}
+    if not header:
+        return tensors, metadata
+    with open(path, "rb") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for key, entry in header.items():
+                begin, end = entry["data_offsets"]
+                dtype = _DTYPES[entry["dtype"]]
+                flat = np.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+                tensors[key] = flat.reshape(entry["shape"]).copy()
+                del flat  # release the view so the map can close
+    return tensors, metadata
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Write numpy arrays (any dtype in the safetensors set, incl. bfloat16) to a safetensors file."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    arrays = []
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(np.asarray(tensors[key]))
+        name = _NAMES.get(arr.dtype)
+        if name is None:
+            raise TypeError(f"cannot write tensor {key!r}: dtype {arr.dtype} has no safetensors name")
+        header[key] = {"dtype": name, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for arr in arrays:
+            f.write(arr.tobytes())
+    os.replace(tmp, path)

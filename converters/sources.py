@@ -1,0 +1,160 @@
+"""Find a LoRA file (local path, directory, Hub repo or HF cache) and read its tensors.
+
+safetensors is read with jlora's own validating reader. Pickled `.bin`/`.pt`
+files are read only when the caller passes `allow_pickle=True`, and then only
+through `torch.load(weights_only=True)`, which refuses pickles that run code.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from converters import safetensors_io
+from jlora.errors import CorruptFileError, JloraError, LoraFileNotFoundError, UnsafeFileError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LEGACY_WEIGHT_NAME = "pytorch_lora_weights.bin"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _pick_in_directory(directory: str, weight_name: str | None, allow_pickle: bool) -> str:
+    if weight_name is not None:
+        path = os.path.join(directory, weight_name)
+        if not os.path.isfile(path):
+            raise LoraFileNotFoundError(f"{path}: no such file (weight_name={weight_name!r} in {directory}).")
+        return path
+    for name in (WEIGHT_NAME, LEGACY_WEIGHT_NAME if allow_pickle else None):
+        if name and os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files and allow_pickle:
+        files = sorted(f for f in os.listdir(directory) if f.endswith(_PICKLE_SUFFIXES))
+    if len(files) == 1:
+        return os.path.join(directory, files[0])
+    if not files:
+        raise LoraFileNotFoundError(
+            f"{directory}: no .safetensors file in this directory; pass weight_name= to name the file "
+            "(pickled .bin files also need allow_pickle=True)."
+        )
+    raise LoraFileNotFoundError(f"{directory}: several weight files {files}; pass weight_name= to pick one.")
+
+
+def _from_hub(repo_id: str, weight_name, subfolder, allow_pickle, **hub_kwargs) -> str:
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        if weight_name is not None:
+            return huggingface_hub.hf_hub_download(repo_id, weight_name, subfolder=subfolder, **hub_kwargs)
+        try:
+            return huggingface_hub.hf_hub_download(repo_id, WEIGHT_NAME, subfolder=subfolder, **hub_kwargs)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            patterns = ["*.safetensors"] + ([f"*{s}" for s in _PICKLE_SUFFIXES] if allow_pickle else [])
+            if subfolder:
+                patterns = [f"{subfolder}/{p}" for p in patterns]
+            root = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, **hub_kwargs)
+            return _pick_in_directory(os.path.join(root, subfolder or ""), None, allow_pickle)
+    except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as e:
+        if isinstance(e, JloraError):
+            raise
+        where = "the local Hugging Face cache" if hub_kwargs.get("local_files_only") else "the Hugging Face Hub"
+        raise LoraFileNotFoundError(
+            f"{repo_id!r}: not a local file or directory, and {where} has no "
+            f"{weight_name or WEIGHT_NAME!r}{f' in {subfolder!r}' if subfolder else ''} for it ({type(e).__name__}). "
+            "Check the path, repo id, weight_name and subfolder."
+        ) from None
+
+
+def resolve_path(
+    source: str | os.PathLike,
+    *,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    allow_pickle: bool = False,
+    local_files_only: bool | None = None,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> str:
+    """Turn a file path, a directory or a Hub repo id into the path of one weight file."""
+    source = os.fspath(source)
+    if os.path.isfile(source):
+        return source
+    if os.path.isdir(source):
+        return _pick_in_directory(os.path.join(source, subfolder or ""), weight_name, allow_pickle)
+    looks_like_repo = source.count("/") == 1 and not source.startswith((".", "/")) and not os.path.splitext(source)[1]
+    if not looks_like_repo:
+        raise LoraFileNotFoundError(f"{source}: no such file or directory.")
+    hub_kwargs = {"cache_dir": cache_dir, "revision": revision, "token": token}
+    if local_files_only is not None:
+        hub_kwargs["local_files_only"] = local_files_only
+    return _from_hub(source, weight_name, subfolder, allow_pickle, **hub_kwargs)
+
+
+def _load_pickle(path: str) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise JloraError(f"{path}: reading a pickled checkpoint needs torch; pip install torch, or convert it to safetensors.") from None
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError(
+            f"{path}: refused to unpickle: the file asks to run code or build objects that are not tensors "
+            f"({str(e).splitlines()[0] if str(e) else 'weights_only'}). Get a safetensors version of this LoRA."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CorruptFileError(f"{path}: not a readable torch checkpoint ({e}).") from None
+    if not isinstance(obj, Mapping):
+        raise CorruptFileError(f"{path}: the checkpoint holds a {type(obj).__name__}, not a dict of tensors.")
+    return dict(obj)
+
+
+def to_numpy(value: Any, key: str = "?") -> np.ndarray:
+    """Convert a numpy / jax / torch tensor to a numpy array (bfloat16 kept as ml_dtypes)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, without importing torch
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            import ml_dtypes
+            import torch
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    try:
+        return np.asarray(value)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad tensor
+        raise CorruptFileError(f"value of key {key!r} is a {type(value).__name__}, not an array ({e}).") from None
+
+
+def read_state_dict(source: Any, *, allow_pickle: bool = False, **resolve_kwargs) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    """Read `(tensors, metadata, origin)` from a dict, a file, a directory or a Hub repo.
+
+    A dict is copied, never modified. `origin` names where the tensors came from for messages.
+    """
+    if isinstance(source, Mapping):
+        tensors = {}
+        for k, v in source.items():
+            if not isinstance(k, str):
+                raise CorruptFileError(f"state dict keys must be strings, got {k!r}.")
+            tensors[k] = to_numpy(v, k)
+        return tensors, {}, "<state dict>"
+    path = resolve_path(source, allow_pickle=allow_pickle, **resolve_kwargs)
+    if path.endswith(".safetensors"):
+        tensors, metadata = safetensors_io.load_file(path)
+        return tensors, metadata, path
+    if path.endswith(_PICKLE_SUFFIXES):
+        if not allow_pickle:
+            raise UnsafeFileError(
+                f"{path}: pickled checkpoints can run code when loaded; pass allow_pickle=True to read it with "
+                "torch.load(weights_only=True), or use a .safetensors file."
+            )
+        raw = _load_pickle(path)
+        return {k: to_numpy(v, k) for k, v in raw.items()}, {}, path
+    # Unknown suffix: try safetensors, the only format read without asking.
+    tensors, metadata = safetensors_io.load_file(path)
+    return tensors, metadata, path

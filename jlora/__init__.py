@@ -1,0 +1,43 @@
+"""jlora: LoRA loading, applying, fusing and saving for JAX/Flax diffusion models."""
+
+from jlora import errors
+from jlora.core import apply
+from jlora.core import combine
+from jlora.core import count
+from jlora.core import delta
+from jlora.core import fuse
+from jlora.core import unfuse
+from jlora.errors import JloraError
+from jlora.init import init_adapter
+from jlora.leaf import LoraLeaf
+from jlora.leaf import is_adapter_leaf
+from jlora.loading import load_lora
+from jlora.loading import load_lora_weights
+from jlora.loading import lora_state_dict
+from jlora.saving import save_lora_weights
+from jlora.sharding import adapter_shardings
+from jlora.sharding import adapter_specs
+from jlora.sharding import shard_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "JloraError",
+    "LoraLeaf",
+    "adapter_shardings",
+    "adapter_specs",
+    "apply",
+    "combine",
+    "count",
+    "delta",
+    "errors",
+    "fuse",
+    "init_adapter",
+    "is_adapter_leaf",
+    "load_lora",
+    "load_lora_weights",
+    "lora_state_dict",
+    "save_lora_weights",
+    "shard_adapter",
+    "unfuse",
+]

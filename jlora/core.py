@@ -1,0 +1,152 @@
+"""The transform: apply, fuse and unfuse scaled low-rank deltas as tree maps.
+
+An adapter is a pytree shaped like the params it targets, with `None` where a
+weight has no adapter and a `LoraLeaf` where it has one. Every function here is
+pure and jittable; `scale` is a traced array, so changing it never recompiles.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.errors import InvalidAdapterError, UnsafeFusingError
+from jlora.leaf import LoraLeaf, is_adapter_leaf
+
+PyTree = Any
+
+
+def _map(fn, adapter: PyTree, params: PyTree, what: str) -> PyTree:
+    try:
+        return jax.tree.map(fn, adapter, params, is_leaf=is_adapter_leaf)
+    except ValueError as e:
+        raise InvalidAdapterError(
+            f"{what}: the adapter tree does not have the structure of the params tree ({e}). "
+            "Build adapters from the same params with jlora.load_lora / load_lora_weights."
+        ) from None
+
+
+def _check_shape(leaf: LoraLeaf, w) -> None:
+    if leaf.shape != tuple(w.shape):
+        raise InvalidAdapterError(f"adapter leaf of kernel shape {leaf.shape} applied to a weight of shape {tuple(w.shape)}.")
+
+
+def delta(adapter: PyTree, scale=1.0) -> PyTree:
+    """The float32 weight deltas `scale * alpha / r * a @ b` of an adapter (None elsewhere)."""
+    s = jnp.asarray(scale, jnp.float32)
+    return jax.tree.map(lambda leaf: None if leaf is None else s * leaf.delta(), adapter, is_leaf=is_adapter_leaf)
+
+
+def apply(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
+    """Params with the adapter merged in: `W + scale * (alpha / r) * a @ b` for each adapted weight.
+
+    The delta is computed in float32 and the result cast back to the weight's dtype.
+    Use it inside the jitted/sharded denoiser call; `scale` may be a traced value.
+
+    Args:
+      params: the model's params tree (linen dict, FrozenDict or nnx state).
+      adapter: tree of the same structure with `None` or `LoraLeaf` leaves.
+      scale: the call-time LoRA scale (diffusers' `cross_attention_kwargs={"scale": s}`).
+
+    >>> y = jax.jit(lambda p, a, s, x: model.apply({"params": jlora.apply(p, a, s)}, x))(p, a, 0.8, x)
+    """
+    s = jnp.asarray(scale, jnp.float32)
+
+    def merge(leaf, w):
+        if leaf is None:
+            return w
+        _check_shape(leaf, w)
+        return (jnp.asarray(w, jnp.float32) + s * leaf.delta()).astype(w.dtype)
+
+    return _map(merge, adapter, params, "apply")
+
+
+def _find_nonfinite(fused: PyTree, adapter: PyTree) -> list[str]:
+    paths = jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_adapter_leaf)[0]
+    weights = jax.tree_util.tree_flatten(fused)[0]
+    return [
+        jax.tree_util.keystr(path)
+        for (path, leaf), w in zip(paths, weights)
+        if leaf is not None and not bool(np.all(np.isfinite(np.asarray(jnp.asarray(w, jnp.float32)))))
+    ]
+
+
+def fuse(params: PyTree, adapter: PyTree, scale=1.0, *, safe_fusing: bool = False) -> PyTree:
+    """Fuse the adapter into the weights once (diffusers' `fuse_lora(lora_scale=scale)`).
+
+    Pure: returns new params, the input is not modified. With `safe_fusing=True`
+    the fused weights are checked for NaN/inf and `UnsafeFusingError` names the
+    offending weights (call it outside `jit`).
+
+    >>> fused = jlora.fuse(params, adapter, scale=0.8)
+    >>> restored = jlora.unfuse(fused, adapter, scale=0.8)
+    """
+    fused = apply(params, adapter, scale)
+    if safe_fusing:
+        bad = _find_nonfinite(fused, adapter)
+        if bad:
+            raise UnsafeFusingError(
+                f"fusing gives NaN/inf in {len(bad)} weights: {bad[:5]}; params were left as they were. "
+                "The LoRA file is corrupt or the scale overflows the weight dtype."
+            )
+    return fused
+
+
+def unfuse(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
+    """Undo `fuse(params, adapter, scale)` (subtracts the same delta, in float32)."""
+    return apply(params, adapter, -jnp.asarray(scale, jnp.float32))
+
+
+def combine(adapters: Mapping[str, PyTree] | Sequence[PyTree], weights=None) -> PyTree:
+    """Several adapters of the same params as one, each scaled by its weight (diffusers' `set_adapters`).
+
+    The result stacks the factors along the rank axis, so
+    `apply(p, combine({"a": A, "b": B}, {"a": wa, "b": wb}), s)` equals
+    `p + s * (wa * delta(A) + wb * delta(B))` exactly. Weights may be traced arrays.
+
+    Args:
+      adapters: name -> adapter (or a list of adapters), all built for the same params.
+      weights: name -> weight (or a list), default 1.0 each.
+    """
+    if isinstance(adapters, Mapping):
+        names = list(adapters)
+        trees = [adapters[n] for n in names]
+        weights = weights if weights is not None else {}
+        if not isinstance(weights, Mapping):
+            raise InvalidAdapterError("combine: pass weights as a dict keyed by adapter name when adapters is a dict.")
+        unknown = set(weights) - set(names)
+        if unknown:
+            raise InvalidAdapterError(f"combine: weights for unknown adapters {sorted(unknown)}; adapters are {names}.")
+        ws = [weights.get(n, 1.0) for n in names]
+    else:
+        trees = list(adapters)
+        ws = list(weights) if weights is not None else [1.0] * len(trees)
+        if len(ws) != len(trees):
+            raise InvalidAdapterError(f"combine: {len(trees)} adapters but {len(ws)} weights.")
+    if not trees:
+        raise InvalidAdapterError("combine: no adapters given.")
+
+    def stack(*leaves):
+        present = [(l, w) for l, w in zip(leaves, ws) if l is not None]
+        if not present:
+            return None
+        a = jnp.concatenate(
+            [jnp.asarray(l.a, jnp.float32) * (jnp.asarray(w, jnp.float32) * l.alpha / l.rank) for l, w in present], axis=-1
+        )
+        b = jnp.concatenate([jnp.asarray(l.b, jnp.float32) for l, _ in present], axis=0)
+        return LoraLeaf(a=a.astype(present[0][0].a.dtype), b=b.astype(present[0][0].b.dtype), alpha=jnp.float32(a.shape[-1]))
+
+    flat = [jax.tree_util.tree_flatten(t, is_leaf=is_adapter_leaf) for t in trees]
+    treedef = flat[0][1]
+    for i, (_, other) in enumerate(flat[1:], 1):
+        if other != treedef:
+            raise InvalidAdapterError(f"combine: adapter {i} has a different tree structure than adapter 0.")
+    return jax.tree_util.tree_unflatten(treedef, [stack(*leaves) for leaves in zip(*(f[0] for f in flat))])
+
+
+def count(adapter: PyTree) -> int:
+    """Number of adapted weights in an adapter tree."""
+    return sum(1 for leaf in jax.tree.leaves(adapter, is_leaf=is_adapter_leaf) if leaf is not None)

@@ -1,0 +1,123 @@
+"""`jlora demo`: a tiny Flax UNet and a generated LoRA through load -> apply -> fuse -> save.
+
+Needs diffusers' Flax UNet (installed with the `test` extra); jlora itself does not.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jlora
+
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+)
+TARGETS = r"to_[qkv]|to_out_0|ff/net|proj_in|proj_out|resnets_\d+/conv[12]"
+
+
+def _timeit(fn, *args, repeat=5):
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    for _ in range(repeat):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / repeat * 1e3
+
+
+def _shardings(params, mesh):
+    """Split every kernel's output axis over the mesh where it divides; replicate the rest."""
+    n = mesh.devices.size
+
+    def spec(x):
+        if x.ndim >= 2 and x.shape[-1] % n == 0:
+            return NamedSharding(mesh, P(*([None] * (x.ndim - 1)), "model"))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(spec, params)
+
+
+def run(out: str | None = None) -> int:
+    try:
+        from diffusers import FlaxUNet2DConditionModel
+    except ImportError:
+        print("jlora demo needs diffusers' Flax UNet: pip install 'diffusers==0.35.2' (or the jlora[test] extra).")
+        return 1
+    out = out or tempfile.mkdtemp(prefix="jlora-demo-")
+    rows = []
+    print(f"jax {jax.__version__} on {len(jax.devices())} {jax.devices()[0].platform} devices; files in {out}\n")
+
+    unet = FlaxUNet2DConditionModel(**UNET_CONFIG)
+    params = jax.jit(unet.init_weights)(jax.random.key(0))
+    params = jax.tree.map(lambda x: x, dict(params))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+
+    # 1. A LoRA file, as diffusers writes them, generated from random factors.
+    generated = jlora.init_adapter(params, jax.random.key(1), rank=4, alpha=8.0, targets=TARGETS, b_std=0.05)
+    src = jlora.save_lora_weights(os.path.join(out, "generated"), {"unet": generated})
+    print(f"1. generated {src} ({os.path.getsize(src) / 1e3:.1f} kB, {jlora.count(generated)} LoRA modules)")
+
+    # 2. Load it onto the params tree.
+    t = time.perf_counter()
+    adapters, report = jlora.load_lora_weights(src, {"unet": params}, family="sd", return_report=True)
+    rows.append(("load file -> adapter pytree", f"{(time.perf_counter() - t) * 1e3:.1f} ms"))
+    print("2. loaded:\n" + report.summary())
+    adapter = adapters["unet"]
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 4, 16, 16)), jnp.float32)
+    t_ = jnp.asarray(rng.integers(0, 1000, (8,)))
+    c = jnp.asarray(rng.standard_normal((8, 7, 32)), jnp.float32)
+
+    # 3. Apply inside jit; the scale is traced, so new scales reuse the compiled step.
+    step = jax.jit(lambda p, a, s, x, t, c: unet.apply({"params": jlora.apply(p, a, s)}, x, t, c).sample)
+    base_step = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c).sample)
+    y_base = base_step(params, x, t_, c)
+    ys = {s: step(params, adapter, s, x, t_, c) for s in (0.0, 0.5, 1.0)}
+    rows.append(("compilations for scales 0.0, 0.5, 1.0", str(step._cache_size())))
+    rows.append(("max |y(scale 0) - y(base)|", f"{float(jnp.abs(ys[0.0] - y_base).max()):.2e}"))
+    rows.append(("max |y(scale 1) - y(base)| (LoRA effect)", f"{float(jnp.abs(ys[1.0] - y_base).max()):.3f}"))
+    ms_base, ms_lora = _timeit(base_step, params, x, t_, c), _timeit(step, params, adapter, 1.0, x, t_, c)
+    rows.append(("step time, LoRA applied / base", f"{ms_lora:.1f} / {ms_base:.1f} ms = {ms_lora / ms_base:.2f}x"))
+
+    # 4. Sharded: kernels split over a mesh, adapter factors placed next to them.
+    mesh = Mesh(np.array(jax.devices()), ("model",))
+    sharded_params = jax.device_put(params, _shardings(params, mesh))
+    sharded_adapter = jlora.shard_adapter(adapter, sharded_params)
+    y_sharded = step(sharded_params, sharded_adapter, 1.0, x, t_, c)
+    rows.append((f"max |sharded({mesh.devices.size} devices) - single|", f"{float(jnp.abs(y_sharded - ys[1.0]).max()):.2e}"))
+
+    # 5. Fuse once for serving; unfuse gives the base weights back.
+    fused = jax.jit(jlora.fuse)(params, adapter, 0.8)
+    restored = jax.jit(jlora.unfuse)(fused, adapter, 0.8)
+    y_fused = base_step(fused, x, t_, c)
+    rows.append(("max |fused forward - applied forward| (scale 0.8)", f"{float(jnp.abs(y_fused - step(params, adapter, 0.8, x, t_, c)).max()):.2e}"))
+    err = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)))
+    rows.append(("max |unfuse(fuse(W)) - W|", f"{err:.2e}"))
+
+    # 6. Save back to diffusers format and reload.
+    saved = jlora.save_lora_weights(os.path.join(out, "saved"), adapters)
+    again = jlora.load_lora_weights(saved, {"unet": params})["unet"]
+    same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(adapter)))
+    rows.append(("saved file reloads to the same factors", str(same)))
+
+    print(f"\nUNet: {n_params / 1e6:.2f} M params; adapter: {jlora.count(adapter)} modules\n")
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    print(f"\nsaved: {saved}")
+    return 0

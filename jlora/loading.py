@@ -1,0 +1,189 @@
+"""Loading LoRA files into adapter pytrees (the diffusers loader API, for Flax params)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from converters import convert as _convert
+from converters import get_family, read_state_dict
+from converters.formats.peft import parse_metadata
+from jlora.errors import JloraError
+from jlora.leaf import LoraLeaf
+
+PyTree = Any
+
+_FILE_KWARGS = ("weight_name", "subfolder", "allow_pickle", "local_files_only", "cache_dir", "revision", "token")
+
+
+def key_name(key) -> str:
+    """The string form of one jax key-path entry (dict key, attribute or index)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_of(keypath) -> tuple[str, ...]:
+    return tuple(key_name(k) for k in keypath)
+
+
+def shape_index(params: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """`{path: (shape, dtype)}` of every array leaf of a params tree."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {path_of(kp): (tuple(np.shape(x)), getattr(x, "dtype", None)) for kp, x in flat}
+
+
+def _split_file_kwargs(kwargs: dict) -> dict:
+    unknown = set(kwargs) - set(_FILE_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    return kwargs
+
+
+def lora_state_dict(source, *, return_lora_metadata: bool = False, **file_kwargs):
+    """Read a LoRA file (path, directory, Hub repo id or HF cache) as `{key: np.ndarray}`.
+
+    Args:
+      source: a `.safetensors` path, a directory holding one, a Hub repo id, or a dict.
+      return_lora_metadata: also return the header's `lora_adapter_metadata` dict.
+      **file_kwargs: `weight_name`, `subfolder`, `allow_pickle`, `local_files_only`,
+        `cache_dir`, `revision`, `token` (as in diffusers).
+
+    >>> sd = jlora.lora_state_dict("pytorch_lora_weights.safetensors")
+    """
+    tensors, header, origin = read_state_dict(source, **_split_file_kwargs(file_kwargs))
+    if return_lora_metadata:
+        return tensors, parse_metadata(header, origin)
+    return tensors
+
+
+def _build_adapter(params: PyTree, placements, dtype) -> PyTree:
+    by_path = {}
+    for p in placements:
+        a, b = np.asarray(p.a), np.asarray(p.b)
+        if dtype is not None:
+            a, b = a.astype(dtype), b.astype(dtype)
+        by_path[p.path] = LoraLeaf(a=jnp.asarray(a), b=jnp.asarray(b), alpha=jnp.asarray(p.alpha, jnp.float32))
+    return jax.tree_util.tree_map_with_path(lambda kp, _: by_path.get(path_of(kp)), params)
+
+
+def _load(source, targets: Mapping[str, PyTree], *, default_component, format, schemes, strict, dtype, metadata, file_kwargs):
+    tensors, header, origin = read_state_dict(source, **_split_file_kwargs(file_kwargs))
+    if metadata is not None:
+        header = {**header, "lora_adapter_metadata": metadata}
+    indexes = {c: shape_index(p) for c, p in targets.items()}
+    placements, report = _convert(
+        tensors, header, indexes, default_component=default_component, format=format, schemes=schemes, strict=strict, origin=origin
+    )
+    adapters = {c: _build_adapter(targets[c], placements[c], dtype) for c in targets}
+    return adapters, report
+
+
+def load_lora(
+    source,
+    params: PyTree,
+    component: str | None = None,
+    *,
+    format: str | None = None,
+    scheme=None,
+    strict: bool = True,
+    dtype=None,
+    metadata: Mapping | None = None,
+    adapter_name: str | None = None,
+    return_report: bool = False,
+    **file_kwargs,
+):
+    """Load the LoRA for one component into an adapter tree shaped like `params`.
+
+    Keys without a component prefix are taken as this component's; keys of other
+    components (`text_encoder.` when `component="unet"`) are skipped and reported.
+
+    Args:
+      source: file, directory, Hub repo id or state dict.
+      params: the component's Flax params (linen dict / FrozenDict).
+      component: `unet`, `text_encoder`, `text_encoder_2` or `transformer`.
+      format: force a format instead of detecting it.
+      scheme: naming scheme name or object (default: detected from `params`).
+      strict: raise on keys that cannot be placed (else warn and list them in the report).
+      dtype: cast factors to this dtype (default: the file's dtype).
+      metadata: `lora_adapter_metadata` to use for a state dict without a header.
+      adapter_name: name recorded in the report.
+      return_report: also return the `LoadReport`.
+
+    >>> adapter = jlora.load_lora("lora.safetensors", unet_params, "unet")
+    """
+    name = component or "default"
+    adapters, report = _load(
+        source,
+        {name: params},
+        default_component=name,
+        format=format,
+        schemes={name: scheme} if scheme is not None else None,
+        strict=strict,
+        dtype=dtype,
+        metadata=metadata,
+        file_kwargs=file_kwargs,
+    )
+    report.adapter_name = adapter_name
+    return (adapters[name], report) if return_report else adapters[name]
+
+
+def load_lora_weights(
+    source,
+    params: Mapping[str, PyTree],
+    family: str | None = None,
+    *,
+    format: str | None = None,
+    schemes: Mapping[str, Any] | None = None,
+    strict: bool = True,
+    dtype=None,
+    metadata: Mapping | None = None,
+    adapter_name: str | None = None,
+    return_report: bool = False,
+    **file_kwargs,
+):
+    """Load a pipeline LoRA file into adapters for several components.
+
+    Keys are split by their component prefix (`unet.`, `text_encoder.`,
+    `text_encoder_2.`, `transformer.`). Every component in `params` gets an
+    adapter (all `None` when the file has nothing for it); keys of components not
+    in `params` are skipped and listed in the report.
+
+    Args:
+      source: file, directory, Hub repo id or state dict.
+      params: component name -> that component's params.
+      family: `sd`, `sdxl`, `flux`, `sd3`; checks the component names.
+      format, strict, dtype, metadata, adapter_name, return_report: as in `load_lora`.
+      schemes: component -> naming scheme (default: detected per params tree).
+      **file_kwargs: `weight_name`, `subfolder`, `allow_pickle`, `local_files_only`,
+        `cache_dir`, `revision`, `token`.
+
+    Returns:
+      `{component: adapter}` (and the `LoadReport` when `return_report=True`).
+
+    >>> adapters = jlora.load_lora_weights("lora.safetensors", {"unet": up, "text_encoder": tp}, family="sd")
+    """
+    fam = get_family(family)
+    if not isinstance(params, Mapping) or not params:
+        raise JloraError("load_lora_weights: params must be a dict {component: params}, e.g. {'unet': unet_params}.")
+    if fam is not None:
+        extra = set(params) - set(fam.components)
+        if extra:
+            raise JloraError(f"family {fam.name!r} has components {list(fam.components)}, not {sorted(extra)}.")
+    adapters, report = _load(
+        source,
+        dict(params),
+        default_component=None,
+        format=format,
+        schemes=schemes,
+        strict=strict,
+        dtype=dtype,
+        metadata=metadata,
+        file_kwargs=file_kwargs,
+    )
+    report.adapter_name = adapter_name
+    return (adapters, report) if return_report else adapters

@@ -1,0 +1,114 @@
+"""Saving adapter pytrees back to diffusers/PEFT LoRA files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from converters import layout
+from converters.formats.peft import METADATA_KEY
+from converters.naming import NamingScheme, detect_scheme, get_scheme
+from converters.safetensors_io import save_file
+from converters.sources import WEIGHT_NAME
+from jlora.errors import JloraError
+from jlora.leaf import is_adapter_leaf
+from jlora.loading import path_of
+
+PyTree = Any
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _component_state(component: str, adapter: PyTree, scheme, dtype):
+    flat = jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_adapter_leaf)[0]
+    paths = [path_of(kp) for kp, _ in flat]
+    scheme = get_scheme(scheme) if scheme is not None else detect_scheme(paths)
+    tensors, ranks, alphas = {}, {}, {}
+    for path, leaf in zip(paths, (l for _, l in flat)):
+        if leaf is None:
+            continue
+        if path[-1] != scheme.weight:
+            raise JloraError(f"{component}:{'/'.join(path)}: adapter leaf is not on a {scheme.weight!r} weight.")
+        module = scheme.to_module(path[:-1])
+        a, b = np.asarray(leaf.a), np.asarray(leaf.b)
+        if dtype is not None:
+            a, b = a.astype(dtype), b.astype(dtype)
+        down, up = layout.factors_to_torch(a, b, conv=a.ndim == 4)
+        tensors[f"{component}.{module}.lora_A.weight"] = down
+        tensors[f"{component}.{module}.lora_B.weight"] = up
+        ranks[module] = int(a.shape[-1])
+        alphas[module] = float(np.asarray(leaf.alpha))
+    return tensors, ranks, alphas
+
+
+def lora_config(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict:
+    """PEFT `LoraConfig` fields describing per-module ranks and alphas (for the file header)."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "rank_pattern": {m: v for m, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {m: _number(v) for m, v in sorted(alphas.items()) if v != alpha},
+        "target_modules": sorted(ranks),
+        "use_dora": False,
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+    }
+
+
+def save_lora_weights(
+    save_directory: str | os.PathLike,
+    adapters: Mapping[str, PyTree],
+    *,
+    weight_name: str = WEIGHT_NAME,
+    schemes: Mapping[str, str | NamingScheme] | None = None,
+    dtype=None,
+    is_main_process: bool = True,
+) -> str:
+    """Write adapters as a diffusers/PEFT LoRA file that diffusers' `load_lora_weights` reads.
+
+    Keys are `{component}.{module}.lora_A.weight` / `lora_B.weight` in PyTorch layout;
+    the header carries `lora_adapter_metadata` (per-component `r`, `lora_alpha`,
+    `rank_pattern`, `alpha_pattern`, `target_modules`).
+
+    Args:
+      save_directory: created if missing.
+      adapters: component name (`unet`, `text_encoder`, ...) -> adapter tree.
+      weight_name: file name inside the directory.
+      schemes: component -> naming scheme (default: detected from each adapter tree).
+      dtype: cast factors (e.g. `np.float16`) before writing.
+      is_main_process: only the main process writes (multi-host); others return the path.
+
+    Returns:
+      The path of the written file.
+
+    >>> jlora.save_lora_weights("out/", {"unet": adapters["unet"]})
+    """
+    path = os.path.join(os.fspath(save_directory), weight_name)
+    if not isinstance(adapters, Mapping):
+        raise JloraError("save_lora_weights: adapters must be a dict {component: adapter}, e.g. {'unet': adapter}.")
+    tensors, metadata = {}, {}
+    for component, adapter in adapters.items():
+        if adapter is None:
+            continue
+        comp_tensors, ranks, alphas = _component_state(component, adapter, (schemes or {}).get(component), dtype)
+        if not ranks:
+            continue
+        tensors.update(comp_tensors)
+        metadata.update({f"{component}.{k}": v for k, v in lora_config(ranks, alphas).items()})
+    if not tensors:
+        raise JloraError("save_lora_weights: the adapters hold no LoRA leaves; nothing to save.")
+    if is_main_process:
+        os.makedirs(os.fspath(save_directory), exist_ok=True)
+        save_file(tensors, path, {"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+    return path
