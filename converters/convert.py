@@ -20,7 +20,7 @@ from converters import engine, layout
 from converters.formats import peft
 from converters.naming import NamingScheme, Path, detect_scheme, get_scheme
 from converters.records import Placement, Record
-from jlora.errors import InvalidAdapterError, KeyMismatchError, UnsupportedFormatError
+from converters.errors import InvalidAdapterError, KeyMismatchError, UnsupportedFormatError
 
 ShapeIndex = Mapping[Path, tuple[tuple[int, ...], np.dtype]]
 

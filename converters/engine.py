@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from converters.records import Record
-from jlora.errors import InvalidAdapterError, UnsupportedFormatError
+from converters.errors import InvalidAdapterError, UnsupportedFormatError
 
 
 @dataclasses.dataclass(frozen=True)

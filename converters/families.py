@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jlora.errors import JloraError
+from converters.errors import JloraError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jlora.errors import ShapeMismatchError
+from converters.errors import ShapeMismatchError
 
 
 def down_to_flax(down: np.ndarray, kernel_shape: tuple[int, ...]) -> np.ndarray:

@@ -18,7 +18,7 @@ import dataclasses
 import re
 from typing import Callable, Iterable
 
-from jlora.errors import NamingSchemeError
+from converters.errors import NamingSchemeError
 
 Path = tuple[str, ...]
 

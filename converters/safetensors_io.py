@@ -16,7 +16,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
-from jlora.errors import CorruptFileError
+from converters.errors import CorruptFileError
 
 _DTYPES = {
     "F64": np.dtype(np.float64),

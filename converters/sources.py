@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from converters import safetensors_io
-from jlora.errors import CorruptFileError, JloraError, LoraFileNotFoundError, UnsafeFileError
+from converters.errors import CorruptFileError, JloraError, LoraFileNotFoundError, UnsafeFileError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LEGACY_WEIGHT_NAME = "pytorch_lora_weights.bin"

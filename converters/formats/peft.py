@@ -14,7 +14,7 @@ from typing import Mapping
 
 from converters.engine import Format, Rule, register_format
 from converters.records import Record
-from jlora.errors import CorruptFileError, UnsupportedFormatError
+from converters.errors import CorruptFileError, UnsupportedFormatError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer", "prior")
 METADATA_KEY = "lora_adapter_metadata"

@@ -1,0 +1,59 @@
+"""Typed errors. Every jlora failure on bad input is a `JloraError` subclass.
+
+Messages name the file, key path and shapes involved and say how to fix the
+problem. Errors are raised before anything the caller passed in is modified.
+"""
+
+
+class JloraError(Exception):
+    """Base class of every error jlora raises on bad input."""
+
+
+class LoraFileNotFoundError(JloraError, FileNotFoundError):
+    """The LoRA file, directory or Hub file could not be found."""
+
+
+class CorruptFileError(JloraError):
+    """The file is not a readable safetensors file (truncated, bad header, bad offsets)."""
+
+
+class UnsafeFileError(JloraError):
+    """Reading the file would execute code (pickle) and the caller did not allow it."""
+
+
+class UnsupportedFormatError(JloraError):
+    """The tensors do not look like any LoRA format jlora reads, or look like several."""
+
+
+class KeyMismatchError(JloraError):
+    """LoRA keys name modules that the target params do not have (or are unknown)."""
+
+
+class ShapeMismatchError(JloraError):
+    """LoRA factors do not fit the weights they target (other architecture or size)."""
+
+
+class InvalidAdapterError(JloraError):
+    """A LoRA module is incomplete or inconsistent (missing factor, rank mismatch, bad alpha)."""
+
+
+class UnsafeFusingError(JloraError):
+    """`safe_fusing=True` found NaN or inf in a fused weight."""
+
+
+class NamingSchemeError(JloraError):
+    """No naming scheme fits the params tree, or a path cannot be named."""
+
+
+__all__ = [
+    "JloraError",
+    "LoraFileNotFoundError",
+    "CorruptFileError",
+    "UnsafeFileError",
+    "UnsupportedFormatError",
+    "KeyMismatchError",
+    "ShapeMismatchError",
+    "InvalidAdapterError",
+    "UnsafeFusingError",
+    "NamingSchemeError",
+]
