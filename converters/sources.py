@@ -26,6 +26,8 @@ def _pick_in_directory(directory: str, weight_name: str | None, allow_pickle: bo
         if not os.path.isfile(path):
             raise LoraFileNotFoundError(f"{path}: no such file (weight_name={weight_name!r} in {directory}).")
         return path
+    if not os.path.isdir(directory):
+        raise LoraFileNotFoundError(f"{directory}: no such directory; check subfolder=.")
     for name in (WEIGHT_NAME, LEGACY_WEIGHT_NAME if allow_pickle else None):
         if name and os.path.isfile(os.path.join(directory, name)):
             return os.path.join(directory, name)
