@@ -1,0 +1,137 @@
+"""jlora vs diffusers + PEFT on the same SD-shaped UNet and LoRA file, and LoRA vs base.
+
+Every figure is a ratio measured in this one run, on this machine:
+
+    python scripts/bench.py                 # SD-1.5-shaped UNet at reduced width (default)
+    python scripts/bench.py --size tiny     # the test-suite UNet, seconds
+    python scripts/bench.py --size sd15     # full SD-1.5 width (needs ~16 GB RAM, minutes on CPU)
+
+Rows: file -> adapters (jlora) vs diffusers' lora_state_dict + load_lora_into_unet, and vs a raw
+safetensors read; the jitted step with the LoRA applied vs the base step (and vs the fused
+params); fusing (jlora.fuse, jitted) vs diffusers' fuse_lora; the torch step with LoRA vs without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import safetensors.numpy  # noqa: E402
+import torch  # noqa: E402
+
+import jlora  # noqa: E402
+import reference as R  # noqa: E402
+
+SIZES = {
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=(2, 4), sample_size=16),
+    "small": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=256, attention_head_dim=8, sample_size=32),
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, sample_size=64),
+}
+
+
+def _config(size: str) -> dict:
+    n = len(SIZES[size]["block_out_channels"])
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return dict(in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0, down_block_types=down, up_block_types=up, **SIZES[size])
+
+
+def _time(fn, repeat: int) -> float:
+    """Median wall time of `fn()` in ms (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    ref = R._unet_ref(f"bench_{args.size}", _config(args.size), 0, lambda rng: {})
+    tmp = tempfile.mkdtemp(prefix="jlora-bench-")
+    path = R.make_peft_lora_file(tmp, [ref], rank=args.rank, alpha=args.rank * 2, pipeline="sd")
+    n_modules = len({k.rsplit(".lora_", 1)[0] for k in safetensors.numpy.load_file(path)})
+    rows: list[tuple[str, float, float, str]] = []
+
+    # 1. Loading the file.
+    jl = _time(lambda: jax.block_until_ready(jlora.load_lora(path, ref.flax_params, "unet")), args.repeat)
+    raw = _time(lambda: safetensors.numpy.load_file(path), args.repeat)
+
+    def diffusers_load():
+        model = copy.deepcopy(ref.torch_model)
+        t = time.perf_counter()
+        _diffusers_load(model, path)
+        return time.perf_counter() - t
+
+    dl = statistics.median(diffusers_load() for _ in range(max(2, args.repeat // 2))) * 1e3
+    rows.append(("load file -> adapter (jlora / diffusers)", jl, dl, "lower is better"))
+    rows.append(("load file -> adapter (jlora / raw safetensors read)", jl, raw, ""))
+
+    # 2. The jitted step: LoRA applied per call vs base vs fused.
+    adapter = jlora.load_lora(path, ref.flax_params, "unet")
+    fn = R.flax_apply_fn(ref)
+    base_step = jax.jit(lambda p, inp: fn(p, **inp))
+    lora_step = jax.jit(lambda p, a, s, inp: fn(jlora.apply(p, a, s), **inp))
+    inputs = ref.inputs
+    b = _time(lambda: jax.block_until_ready(base_step(ref.flax_params, inputs)), args.repeat)
+    a = _time(lambda: jax.block_until_ready(lora_step(ref.flax_params, adapter, 0.8, inputs)), args.repeat)
+    fused = jax.jit(jlora.fuse)(ref.flax_params, adapter, 0.8)
+    f = _time(lambda: jax.block_until_ready(base_step(fused, inputs)), args.repeat)
+    rows.append(("jitted step: LoRA applied per call / base", a, b, "merge inside the jitted step"))
+    rows.append(("jitted step: fused params / base", f, b, "fused params, no per-call merge"))
+
+    # 3. Fusing.
+    fuse = jax.jit(jlora.fuse)
+    jf = _time(lambda: jax.block_until_ready(fuse(ref.flax_params, adapter, 0.8)), args.repeat)
+    model = R.torch_model_with_lora(ref, path)
+
+    def diffusers_fuse():
+        model.fuse_lora(lora_scale=0.8)
+        model.unfuse_lora()
+
+    df = _time(diffusers_fuse, args.repeat)
+    rows.append(("fuse (jlora, jitted / diffusers fuse+unfuse)", jf, df, "diffusers figure includes unfuse"))
+
+    # 4. Torch reference steps, for context.
+    tb = _time(lambda: R.torch_forward(ref.torch_model, ref), args.repeat)
+    tl = _time(lambda: R.torch_forward(model, ref, scale=0.8), args.repeat)
+    rows.append(("torch step: diffusers+PEFT LoRA / base", tl, tb, "PEFT's unfused overhead"))
+    rows.append(("step: jlora LoRA (jax) / diffusers LoRA (torch)", a, tl, "same CPU, different frameworks"))
+
+    n_params = sum(x.size for x in jax.tree.leaves(ref.flax_params))
+    print(f"\nUNet {args.size}: {n_params / 1e6:.1f} M params, LoRA rank {args.rank} on {n_modules} modules, "
+          f"file {os.path.getsize(path) / 1e6:.1f} MB; jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}\n")
+    w = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{w}}  {'A ms':>9}  {'B ms':>9}  {'A/B':>6}  note")
+    for name, x, y, note in rows:
+        print(f"{name:<{w}}  {x:9.2f}  {y:9.2f}  {x / y:6.2f}  {note}")
+
+
+def _diffusers_load(model, path):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as M
+
+    state_dict, alphas, metadata = M.lora_state_dict(os.path.dirname(path), weight_name=os.path.basename(path), return_lora_metadata=True)
+    M.load_lora_into_unet(state_dict, alphas, model, metadata=metadata)
+
+
+if __name__ == "__main__":
+    main()
