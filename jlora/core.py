@@ -29,7 +29,7 @@ def _map(fn, adapter: PyTree, params: PyTree, what: str) -> PyTree:
         ) from None
 
 
-def _check_shape(leaf: LoraLeaf, w) -> None:
+def _check_shape(leaf, w) -> None:
     if leaf.shape != tuple(w.shape):
         raise InvalidAdapterError(f"adapter leaf of kernel shape {leaf.shape} applied to a weight of shape {tuple(w.shape)}.")
 
@@ -59,7 +59,7 @@ def apply(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
         if leaf is None:
             return w
         _check_shape(leaf, w)
-        return (jnp.asarray(w, jnp.float32) + s * leaf.delta()).astype(w.dtype)
+        return leaf.merge(w, s).astype(w.dtype)
 
     return _map(merge, adapter, params, "apply")
 
@@ -96,7 +96,17 @@ def fuse(params: PyTree, adapter: PyTree, scale=1.0, *, safe_fusing: bool = Fals
 
 
 def unfuse(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
-    """Undo `fuse(params, adapter, scale)` (subtracts the same delta, in float32)."""
+    """Undo `fuse(params, adapter, scale)` (subtracts the same delta, in float32).
+
+    Raises:
+      InvalidAdapterError: the adapter has leaves whose merge is not additive (DoRA).
+    """
+    leaves = jax.tree.leaves(adapter, is_leaf=is_adapter_leaf)
+    if any(leaf is not None and not leaf.invertible for leaf in leaves):
+        raise InvalidAdapterError(
+            "unfuse: this adapter has DoRA leaves, whose fusing rescales weights and cannot be subtracted; "
+            "keep the params from before fuse() instead."
+        )
     return apply(params, adapter, -jnp.asarray(scale, jnp.float32))
 
 
