@@ -31,8 +31,9 @@ class PlacedModule:
     module: str
     path: str
     keys: tuple[str, ...]
-    rank: int
-    alpha: float
+    rank: int | None
+    alpha: float | None
+    leaf: str = "lora"
 
 
 @dataclasses.dataclass
@@ -62,7 +63,7 @@ class LoadReport:
 
     @property
     def loaded_keys(self) -> list[str]:
-        return sorted(k for p in self.placed for k in p.keys)
+        return sorted({k for p in self.placed for k in p.keys})
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(p.component for p in self.placed))
@@ -70,9 +71,13 @@ class LoadReport:
     def summary(self) -> str:
         lines = [f"{self.origin}: format {self.format}"]
         for comp, n in sorted(self.counts().items()):
-            ranks = sorted({p.rank for p in self.placed if p.component == comp})
-            alphas = sorted({p.alpha for p in self.placed if p.component == comp})
-            lines.append(f"  {comp}: {n} modules, ranks {ranks}, alphas {alphas}, scheme {self.schemes.get(comp)}")
+            mine = [p for p in self.placed if p.component == comp]
+            ranks = sorted({p.rank for p in mine if p.rank is not None})
+            alphas = sorted({p.alpha for p in mine if p.alpha is not None})
+            kinds = dict(Counter(p.leaf for p in mine))
+            lines.append(
+                f"  {comp}: {n} weights {kinds}, ranks {ranks}, alphas {alphas}, scheme {self.schemes.get(comp)}"
+            )
         for title, keys in (("unmatched", self.unmatched), ("unplaced", list(self.unplaced)), ("skipped", list(self.skipped))):
             if keys:
                 lines.append(f"  {title}: {len(keys)} keys, e.g. {keys[:3]}")
@@ -94,23 +99,79 @@ def _assign_components(records: list[Record], targets: Mapping[str, ShapeIndex],
     return out
 
 
-def _place(rec: Record, index: ShapeIndex, scheme: NamingScheme, alpha: float | None) -> Placement | None:
-    path = scheme.to_path(rec.module) + (scheme.weight,)
-    if path not in index:
-        return None
-    shape, _ = index[path]
-    a, b = layout.factors_to_flax(
-        rec.tensors["down"], rec.tensors["up"], shape, key=rec.keys[0], path=f"{rec.component}:{'/'.join(path)}"
-    )
-    return Placement(record=rec, path=path, a=a, b=b, alpha=float(rec.rank if alpha is None else alpha))
+def module_table(index: ShapeIndex, scheme: NamingScheme) -> dict[str, str | None]:
+    """`{module name with dots as underscores: module name}` of every module in a params tree (None: ambiguous)."""
+    table: dict[str, str | None] = {}
+    for path in index:
+        if len(path) < 2:
+            continue
+        module = scheme.to_module(path[:-1])
+        key = module.replace(".", "_")
+        table[key] = module if table.get(key, module) == module else None
+    return table
+
+
+def _weight_path(rec: Record, module_path: Path, scheme: NamingScheme) -> Path:
+    if rec.kind == "diff" and rec.tensors["diff"].ndim == 1:
+        return module_path + ("scale",)
+    return module_path + (scheme.weight,)
+
+
+_LEAF_BUILDERS = {
+    "lora": layout.lora_leaf,
+    "loha": layout.loha_leaf,
+    "lokr": layout.lokr_leaf,
+}
+
+
+def _place(rec: Record, module: str, index: ShapeIndex, scheme: NamingScheme, alpha: float | None) -> list[Placement] | None:
+    """The placements of one record, or None when its weight is not in the params tree."""
+    module_path = scheme.to_path(module)
+    out = []
+    where = lambda p: f"{rec.component}:{'/'.join(p)}"  # noqa: E731
+    if rec.kind != "bias":
+        path = _weight_path(rec, module_path, scheme)
+        if path not in index:
+            return None
+        shape = index[path][0]
+        if rec.kind == "diff":
+            leaf, fields = layout.diff_leaf(rec, shape, where(path))
+        else:
+            effective = alpha if alpha is not None or rec.kind == "lokr" else float(rec.rank)
+            leaf, fields = _LEAF_BUILDERS[rec.kind](rec, shape, where(path), effective)
+        out.append(Placement(rec, path, leaf, fields))
+    if "up_bias" in rec.tensors or "diff_b" in rec.tensors:
+        path = module_path + ("bias",)
+        if path not in index:
+            return None
+        factor = 1.0
+        if "up_bias" in rec.tensors and rec.rank:
+            factor = (alpha if alpha is not None else rec.rank) / rec.rank
+        leaf, fields = layout.bias_leaf(rec, index[path][0], where(path), factor)
+        out.append(Placement(rec, path, leaf, fields))
+    return out
 
 
 def _suggest(module: str, index: ShapeIndex, scheme: NamingScheme) -> str:
     path = scheme.to_path(module)
     for depth in range(len(path), 0, -1):
         if any(p[:depth] == path[:depth] for p in index):
-            return f"{'/'.join(path[:depth])} exists but not {'/'.join(path[depth:] + (scheme.weight,))}"
+            return f"{'/'.join(path[:depth])} exists but not {'/'.join(path[depth:])}"
     return f"no {path[0]!r} at the top of the params tree"
+
+
+def _resolve_module(fmt: engine.Format, rec: Record, table: Mapping[str, str | None]) -> tuple[str | None, str]:
+    """The module name of a record in the target's naming (None and a reason if it has none)."""
+    module = rec.module
+    if fmt.rename is not None:
+        module = fmt.rename(rec.component, module, table)
+    if not fmt.underscored:
+        return module, ""
+    resolved = table.get(module)
+    if resolved is None:
+        why = "matches several modules" if module in table else "matches no module"
+        return None, f"{module!r} (from {fmt.name} name {rec.module!r}) {why} of {rec.component}"
+    return resolved, ""
 
 
 def convert(
@@ -147,29 +208,35 @@ def convert(
     placements: dict[str, list[Placement]] = {c: [] for c in targets}
     resolved = {c: get_scheme(schemes[c]) if schemes.get(c) else detect_scheme(idx) for c, idx in targets.items()}
     report.schemes = {c: s.name for c, s in resolved.items()}
+    tables = {c: module_table(targets[c], resolved[c]) for c in targets}
     seen: dict[tuple[str, Path], str] = {}
     for rec in records:
         if rec.component not in targets:
             report.skipped.update({k: rec.component for k in rec.keys})
             continue
-        alpha = peft.resolve_alpha(rec, peft.component_config(metadata, rec.component))
-        placed = _place(rec, targets[rec.component], resolved[rec.component], alpha)
-        if placed is None:
-            why = f"no weight for module {rec.module!r} in {rec.component}: " + _suggest(
-                rec.module, targets[rec.component], resolved[rec.component]
-            )
+        index, scheme = targets[rec.component], resolved[rec.component]
+        module, why = _resolve_module(fmt, rec, tables[rec.component])
+        if module is None:
             report.unplaced.update({k: why for k in rec.keys})
             continue
-        slot = (rec.component, placed.path)
-        if slot in seen:
-            raise InvalidAdapterError(
-                f"{origin}: modules {seen[slot]!r} and {rec.module!r} both target {rec.component}:{'/'.join(placed.path)}."
+        alpha = peft.resolve_alpha(dataclasses.replace(rec, module=module), peft.component_config(metadata, rec.component))
+        placed = _place(rec, module, index, scheme, alpha)
+        if placed is None:
+            why = f"no weight for module {module!r} in {rec.component}: " + _suggest(module, index, scheme)
+            report.unplaced.update({k: why for k in rec.keys})
+            continue
+        for p in placed:
+            slot = (rec.component, p.path)
+            if slot in seen:
+                raise InvalidAdapterError(
+                    f"{origin}: {seen[slot]!r} and {', '.join(rec.keys)!r} both target {rec.component}:{'/'.join(p.path)} "
+                    "(duplicate targets after renaming)."
+                )
+            seen[slot] = ", ".join(rec.keys)
+            placements[rec.component].append(p)
+            report.placed.append(
+                PlacedModule(rec.component, module, "/".join(p.path), rec.keys, rec.rank, p.alpha, p.leaf)
             )
-        seen[slot] = rec.module
-        placements[rec.component].append(placed)
-        report.placed.append(
-            PlacedModule(rec.component, rec.module, "/".join(placed.path), rec.keys, rec.rank, placed.alpha)
-        )
     if not report.placed and report.skipped:
         found = sorted(set(report.skipped.values()))
         raise KeyMismatchError(

@@ -17,16 +17,17 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from converters.records import Record
 from converters.errors import InvalidAdapterError, UnsupportedFormatError
+from converters.records import ROLE_KINDS, Record
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """`pattern` (anchored, named groups `component` and `module`) -> `role` of the tensor.
 
-    `module` is a template over the match's groups; `component` maps the matched
-    prefix to a component name through the format's `components` table.
+    `module` and `role` are templates over the match's groups (a matched role goes
+    through the format's `roles` table, e.g. `lora_down.weight` -> `down`);
+    `component` maps the matched prefix through the format's `components` table.
     """
 
     pattern: str
@@ -46,6 +47,9 @@ class Format:
     rules: tuple[Rule, ...]
     detect: Callable[[frozenset[str]], bool]
     components: Mapping[str | None, str | None] = dataclasses.field(default_factory=dict)
+    roles: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    underscored: bool = False
+    rename: Callable[[str | None, str, Mapping], str] | None = None
     description: str = ""
 
 
@@ -114,14 +118,19 @@ def match_keys(fmt: Format, keys: Iterable[str]) -> tuple[dict[tuple[str, str], 
         rule, m = hits[0]
         found = m.groupdict()
         component = fmt.components.get(found.get("component"), found.get("component"))
-        module = rule.module.format(**{k: v for k, v in found.items() if v is not None})
+        values = {k: v for k, v in found.items() if v is not None}
+        module = rule.module.format(**values)
+        role = rule.role.format(**values)
+        role = fmt.roles.get(role, role)
+        if role not in ROLE_KINDS:
+            raise UnsupportedFormatError(f"format {fmt.name!r}: rule for {key!r} gives unknown role {role!r}.")
         slot = groups[(component, module)]
-        if rule.role in slot:
+        if role in slot:
             raise InvalidAdapterError(
-                f"keys {slot[rule.role]!r} and {key!r} both give the {rule.role!r} tensor of "
+                f"keys {slot[role]!r} and {key!r} both give the {role!r} tensor of "
                 f"{component}.{module}; the file holds duplicate targets."
             )
-        slot[rule.role] = key
+        slot[role] = key
     return dict(groups), unmatched
 
 
@@ -135,21 +144,40 @@ def _alpha_value(key: str, tensor: np.ndarray) -> float:
     return value
 
 
-def _check_lora(component: str, module: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
-    where = f"{component}.{module}" if component else module
-    for need in ("down", "up"):
-        if need not in roles:
+def _kind(where: str, roles: Mapping[str, str]) -> str:
+    kinds = {ROLE_KINDS[r] for r in roles} - {None}
+    if len(kinds) > 1:
+        raise InvalidAdapterError(f"{where}: keys mix adapter kinds {sorted(kinds)}: {sorted(roles.values())}.")
+    if kinds:
+        return kinds.pop()
+    if "up_bias" in roles or "diff_b" in roles:
+        return "bias"
+    return "alpha"
+
+
+def _need(where: str, roles: Mapping[str, str], *groups: tuple[str, ...]) -> None:
+    for options in groups:
+        if not any(o in roles for o in options):
             have = ", ".join(f"{r}={roles[r]!r}" for r in sorted(roles))
-            raise InvalidAdapterError(f"{where}: LoRA module has no {need!r} factor (found {have}).")
+            raise InvalidAdapterError(f"{where}: module has no {' or '.join(options)!r} tensor (found {have}).")
+
+
+def _check_floats(roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
+    for role, key in roles.items():
+        t = tensors[key]
+        if role != "alpha" and not (np.issubdtype(t.dtype, np.floating) or "float" in str(t.dtype)):
+            raise InvalidAdapterError(f"{key}: tensor has dtype {t.dtype}, expected a float type.")
+        if role != "alpha" and t.size == 0:
+            raise InvalidAdapterError(f"{key}: tensor is empty (shape {tuple(t.shape)}).")
+
+
+def _check_lora(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
+    _need(where, roles, ("down",), ("up",))
     down, up = tensors[roles["down"]], tensors[roles["up"]]
     for role, t in (("down", down), ("up", up)):
         if t.ndim not in (2, 4):
             raise InvalidAdapterError(f"{roles[role]}: LoRA factor must be 2-D or 4-D, got shape {tuple(t.shape)}.")
-        if not np.issubdtype(t.dtype, np.floating) and t.dtype.kind != "V" and "float" not in str(t.dtype):
-            raise InvalidAdapterError(f"{roles[role]}: LoRA factor has dtype {t.dtype}, expected a float type.")
     r = down.shape[0]
-    if r == 0:
-        raise InvalidAdapterError(f"{roles['down']}: rank is 0 (shape {tuple(down.shape)}).")
     if up.shape[1] != r:
         raise InvalidAdapterError(
             f"{where}: rank mismatch, {roles['down']} has shape {tuple(down.shape)} (rank {r}) but "
@@ -157,6 +185,45 @@ def _check_lora(component: str, module: str, roles: Mapping[str, str], tensors: 
         )
     if up.ndim == 4 and up.shape[2:] != (1, 1):
         raise InvalidAdapterError(f"{roles['up']}: conv LoRA up factor must be 1x1, got shape {tuple(up.shape)}.")
+    if "mid" in roles:
+        mid = tensors[roles["mid"]]
+        if mid.ndim != 4 or mid.shape[:2] != (r, r) or down.ndim != 4 or down.shape[2:] != (1, 1):
+            raise InvalidAdapterError(
+                f"{roles['mid']}: Tucker mid {tuple(mid.shape)} must be (rank, rank, kh, kw) = ({r}, {r}, ., .) "
+                f"with a 1x1 down factor, got down {tuple(down.shape)}."
+            )
+
+
+def _check_loha(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
+    _need(where, roles, ("w1a",), ("w1b",), ("w2a",), ("w2b",))
+    t = {r: tensors[k] for r, k in roles.items()}
+    for i in ("1", "2"):
+        a, b = t[f"w{i}a"], t[f"w{i}b"]
+        if a.ndim != 2 or b.ndim != 2:
+            raise InvalidAdapterError(f"{where}: LoHa factors must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}.")
+        tucker = f"t{i}" in t
+        inner = a.shape[0] if tucker else a.shape[1]
+        if inner != b.shape[0]:
+            raise InvalidAdapterError(
+                f"{where}: rank mismatch between {roles[f'w{i}a']} {tuple(a.shape)} and {roles[f'w{i}b']} {tuple(b.shape)}."
+            )
+
+
+def _check_lokr(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
+    _need(where, roles, ("lokr_w1", "lokr_w1a"), ("lokr_w2", "lokr_w2a"))
+    for i in ("1", "2"):
+        if f"lokr_w{i}a" in roles:
+            _need(where, roles, (f"lokr_w{i}b",))
+            a, b = tensors[roles[f"lokr_w{i}a"]], tensors[roles[f"lokr_w{i}b"]]
+            inner = a.shape[0] if f"lokr_t{i}" in roles else a.shape[-1]
+            if a.ndim != 2 or b.ndim < 2 or inner != b.shape[0]:
+                raise InvalidAdapterError(
+                    f"{where}: LoKr factors {roles[f'lokr_w{i}a']} {tuple(a.shape)} and {roles[f'lokr_w{i}b']} "
+                    f"{tuple(b.shape)} do not multiply."
+                )
+
+
+_CHECKS = {"lora": _check_lora, "loha": _check_loha, "lokr": _check_lokr}
 
 
 def build_records(fmt: Format, tensors: Mapping[str, np.ndarray]) -> tuple[list[Record], list[str]]:
@@ -164,19 +231,23 @@ def build_records(fmt: Format, tensors: Mapping[str, np.ndarray]) -> tuple[list[
     groups, unmatched = match_keys(fmt, tensors.keys())
     records = []
     for (component, module), roles in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
-        if set(roles) == {"alpha"}:
+        where = f"{component}.{module}" if component else module
+        kind = _kind(where, roles)
+        if kind == "alpha":
             unmatched.append(roles["alpha"])
             continue
-        _check_lora(component, module, roles, tensors)
+        _check_floats(roles, tensors)
+        if kind in _CHECKS:
+            _CHECKS[kind](where, roles, tensors)
         alpha = _alpha_value(roles["alpha"], tensors[roles["alpha"]]) if "alpha" in roles else None
         records.append(
             Record(
                 component=component,
                 module=module,
-                kind="lora",
+                kind=kind,
                 tensors={role: tensors[k] for role, k in roles.items() if role != "alpha"},
+                sources=dict(roles),
                 alpha=alpha,
-                keys=tuple(sorted(roles.values())),
             )
         )
     return records, sorted(unmatched)

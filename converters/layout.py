@@ -1,46 +1,156 @@
-"""PyTorch <-> Flax layouts of LoRA factors. Every transpose jlora does lives here.
+"""PyTorch <-> Flax layouts of adapter tensors. Every transpose jlora does lives here.
 
-Flax layout: `a` has the target kernel's shape with its last (output) axis
-replaced by the rank: `(in, r)` for Dense, `(kh, kw, in, r)` for Conv; `b` is
-`(r, out)`. Then `delta = tensordot(a, b, 1)` has the kernel's shape.
+Flax layout: a low-rank "down" factor `a` has the target kernel's shape with its
+last (output) axis replaced by the rank: `(in, r)` for Dense, `(kh, kw, in, r)`
+for Conv; an "up" factor `b` is `(r, out)`. Then `tensordot(a, b, 1)` has the
+kernel's shape. Full weights go from torch `(out, in[, kh, kw])` to Flax
+`([kh, kw,] in, out)`.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 
-from converters.errors import ShapeMismatchError
+from converters.errors import InvalidAdapterError, ShapeMismatchError
+from converters.records import Record
+
+
+def weight_to_flax(w: np.ndarray, kernel_shape: tuple[int, ...]) -> np.ndarray:
+    """A full torch weight (out, in[, kh, kw]) in the layout of a Flax kernel of `kernel_shape`."""
+    if w.ndim == 1:
+        return w
+    if w.ndim == 2:
+        out = w.T
+        return out.reshape((1, 1) + out.shape) if len(kernel_shape) == 4 else out
+    out = w.transpose(2, 3, 1, 0)
+    return out[0, 0] if len(kernel_shape) == 2 and out.shape[:2] == (1, 1) else out
 
 
 def down_to_flax(down: np.ndarray, kernel_shape: tuple[int, ...]) -> np.ndarray:
-    """torch `lora_A` weight (r, in) or (r, in, kh, kw) -> Flax `a` for a kernel of `kernel_shape`."""
-    if down.ndim == 2:
-        a = down.T
-        if len(kernel_shape) == 4:  # torch Linear onto a 1x1 Flax conv
-            a = a.reshape((1, 1) + a.shape)
-        return a
-    a = down.transpose(2, 3, 1, 0)  # (r, in, kh, kw) -> (kh, kw, in, r)
-    if len(kernel_shape) == 2 and a.shape[:2] == (1, 1):  # torch 1x1 conv onto a Flax Dense
-        a = a[0, 0]
-    return a
+    """torch down factor (r, in) or (r, in, kh, kw) -> Flax `a` for a kernel of `kernel_shape`."""
+    return weight_to_flax(down, kernel_shape)
 
 
 def up_to_flax(up: np.ndarray) -> np.ndarray:
-    """torch `lora_B` weight (out, r) or (out, r, 1, 1) -> Flax `b` (r, out)."""
+    """torch up factor (out, r) or (out, r, 1, 1) -> Flax `b` (r, out)."""
     return (up[:, :, 0, 0] if up.ndim == 4 else up).T
 
 
-def factors_to_flax(down, up, kernel_shape, *, key: str, path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Both factors in Flax layout, checked against the kernel they modify."""
-    a, b = down_to_flax(down, tuple(kernel_shape)), up_to_flax(up)
-    want_a = tuple(kernel_shape[:-1])
-    if a.shape[:-1] != want_a or b.shape[1] != kernel_shape[-1]:
+def _fail(rec: Record, path: str, kernel_shape, got, role: str = "") -> ShapeMismatchError:
+    shapes = ", ".join(f"{r} {tuple(t.shape)}" for r, t in sorted(rec.tensors.items()))
+    key = rec.sources.get(role) or rec.keys[0]
+    return ShapeMismatchError(
+        f"{key}: {rec.kind} tensors ({shapes}, torch layout) give a delta of shape {tuple(got)} but {path} has "
+        f"shape {tuple(kernel_shape)}. The adapter was made for a different model or model size."
+    )
+
+
+def _tucker_down(down: np.ndarray, mid: np.ndarray) -> np.ndarray:
+    """Fold a Tucker core into the down factor: (r, in, 1, 1) x (r, r, kh, kw) -> (r, in, kh, kw)."""
+    return np.einsum("pqhw,qi->pihw", mid.astype(np.float32), down[:, :, 0, 0].astype(np.float32))
+
+
+def lora_leaf(rec: Record, kernel_shape, path: str, alpha: float) -> tuple[str, dict]:
+    t = rec.tensors
+    down = _tucker_down(t["down"], t["mid"]) if "mid" in t else t["down"]
+    a, b = down_to_flax(down, tuple(kernel_shape)), up_to_flax(t["up"])
+    if a.shape[:-1] != tuple(kernel_shape[:-1]):
+        raise _fail(rec, path, kernel_shape, a.shape[:-1] + b.shape[-1:], "down")
+    if b.shape[1] != kernel_shape[-1]:
+        raise _fail(rec, path, kernel_shape, a.shape[:-1] + b.shape[-1:], "up")
+    fields: dict[str, Any] = {"a": a, "b": b, "alpha": alpha}
+    if "magnitude" in t or "dora_scale" in t:
+        role = "magnitude" if "magnitude" in t else "dora_scale"
+        fields["magnitude"] = _magnitude(rec, role, kernel_shape, path)
+        fields["strength_inside"] = role == "magnitude"
+        return "dora", fields
+    return "lora", fields
+
+
+def _magnitude(rec: Record, role: str, kernel_shape, path: str) -> np.ndarray:
+    """DoRA magnitude as an array broadcastable to the Flax kernel (size 1 on the normed axes)."""
+    m = rec.tensors[role]
+    n_out, n_in = kernel_shape[-1], kernel_shape[-2]
+    ones = [1] * len(kernel_shape)
+    per_output = m.size == n_out and (m.ndim == 1 or m.shape[0] == n_out or role == "magnitude")
+    if per_output:
+        ones[-1] = n_out
+    elif m.size == n_in and m.ndim >= 2 and m.shape[1] == n_in:
+        ones[-2] = n_in
+    else:
         raise ShapeMismatchError(
-            f"{key}: LoRA factors down {tuple(down.shape)} / up {tuple(up.shape)} (torch layout) do not fit "
-            f"{path} of shape {tuple(kernel_shape)}: expected in-shape {want_a} and out {kernel_shape[-1]}. "
-            "The LoRA was made for a different model or model size."
+            f"{rec.sources[role]}: DoRA magnitude of shape {tuple(m.shape)} fits neither the output ({n_out}) nor the "
+            f"input ({n_in}) channels of {path} {tuple(kernel_shape)}."
         )
-    return a, b
+    return m.reshape(ones)
+
+
+def loha_leaf(rec: Record, kernel_shape, path: str, alpha: float) -> tuple[str, dict]:
+    t = rec.tensors
+    fields: dict[str, Any] = {"alpha": alpha}
+    in_shape = (kernel_shape[-2],) + (tuple(kernel_shape[:2]) if len(kernel_shape) == 4 else ())
+    for i in ("1", "2"):
+        wa, wb = t[f"w{i}a"], t[f"w{i}b"]
+        if f"t{i}" in t:  # Tucker: down (r, in) with core (r, r, kh, kw); wa is (r, out)
+            down = np.einsum("pqhw,qi->pihw", t[f"t{i}"].astype(np.float32), wb.astype(np.float32))
+            up = wa.T
+        else:  # wa (out, r), wb (r, in * kh * kw)
+            r = wb.shape[0]
+            if wb.shape[1] != int(np.prod(in_shape)):
+                raise _fail(rec, path, kernel_shape, (wa.shape[0], wb.shape[1]), f"w{i}b")
+            down = wb.reshape((r,) + in_shape)
+            up = wa
+        a, b = down_to_flax(down, tuple(kernel_shape)), up_to_flax(up)
+        if a.shape[:-1] + b.shape[-1:] != tuple(kernel_shape):
+            raise _fail(rec, path, kernel_shape, a.shape[:-1] + b.shape[-1:], f"w{i}a")
+        fields[f"a{i}"], fields[f"b{i}"] = a, b
+    return "loha", fields
+
+
+def _lokr_factor(t: Mapping[str, np.ndarray], i: str) -> np.ndarray:
+    if f"lokr_w{i}" in t:
+        return t[f"lokr_w{i}"].astype(np.float32)
+    wa, wb = t[f"lokr_w{i}a"].astype(np.float32), t[f"lokr_w{i}b"].astype(np.float32)
+    if f"lokr_t{i}" in t:  # Tucker: core (r, r, kh, kw), wa (r, out2), wb (r, in2)
+        return np.einsum("pqhw,qi,po->oihw", t[f"lokr_t{i}"].astype(np.float32), wb, wa)
+    return wa @ wb.reshape(wb.shape[0], -1)
+
+
+def lokr_leaf(rec: Record, kernel_shape, path: str, alpha: float | None) -> tuple[str, dict]:
+    t = rec.tensors
+    w1, w2 = _lokr_factor(t, "1"), _lokr_factor(t, "2")
+    if w1.ndim != 2:
+        raise InvalidAdapterError(f"{rec.sources.get('lokr_w1', rec.keys[0])}: LoKr w1 must be 2-D, got {tuple(w1.shape)}.")
+    (o1, i1), n_out, n_in = w1.shape, kernel_shape[-1], kernel_shape[-2]
+    if n_out % o1 or n_in % i1:
+        raise _fail(rec, path, kernel_shape, (o1, i1), "lokr_w1")
+    o2, i2 = n_out // o1, n_in // i1
+    k = tuple(kernel_shape[:2]) if len(kernel_shape) == 4 else ()
+    if w2.size != o2 * i2 * int(np.prod(k, dtype=np.int64)):
+        raise _fail(rec, path, kernel_shape, (o1 * w2.shape[0], i1 * int(np.prod(w2.shape[1:]))), "lokr_w2")
+    w2 = w2.reshape((o2, i2) + k)
+    decomposed = any(r in t for r in ("lokr_w1a", "lokr_w2a"))
+    factor = (alpha / rec.rank) if (decomposed and alpha is not None) else 1.0
+    return "lokr", {"w1": w1.T, "w2": weight_to_flax(w2, tuple(kernel_shape)), "factor": factor}
+
+
+def diff_leaf(rec: Record, kernel_shape, path: str) -> tuple[str, dict]:
+    d = weight_to_flax(rec.tensors["diff"], tuple(kernel_shape))
+    if d.shape != tuple(kernel_shape):
+        raise _fail(rec, path, kernel_shape, d.shape, "diff")
+    return "diff", {"diff": d, "factor": 1.0}
+
+
+def bias_leaf(rec: Record, bias_shape, path: str, factor: float) -> tuple[str, dict]:
+    role = "up_bias" if "up_bias" in rec.tensors else "diff_b"
+    d = rec.tensors[role]
+    if d.shape != tuple(bias_shape):
+        raise ShapeMismatchError(
+            f"{rec.sources[role]}: bias delta of shape {tuple(d.shape)} does not fit {path} of shape {tuple(bias_shape)}."
+        )
+    return "diff", {"diff": d, "factor": factor}
 
 
 def factors_to_torch(a: np.ndarray, b: np.ndarray, conv: bool) -> tuple[np.ndarray, np.ndarray]:

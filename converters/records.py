@@ -1,15 +1,42 @@
 """Canonical records: the seam between file formats and naming schemes.
 
 A format turns source keys into `Record`s (torch module names, torch layouts);
-a naming scheme turns records into `Placement`s on a Flax params tree.
+`converters.layout` and a naming scheme turn records into `Placement`s: adapter
+leaves (by type name and fields, Flax layout) at paths of a params tree.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
+
+# role -> kind of the module's weight adapter; None: extras that go with any kind.
+ROLE_KINDS: dict[str, str | None] = {
+    "down": "lora",
+    "up": "lora",
+    "mid": "lora",
+    "magnitude": "lora",
+    "dora_scale": "lora",
+    "w1a": "loha",
+    "w1b": "loha",
+    "w2a": "loha",
+    "w2b": "loha",
+    "t1": "loha",
+    "t2": "loha",
+    "lokr_w1": "lokr",
+    "lokr_w1a": "lokr",
+    "lokr_w1b": "lokr",
+    "lokr_w2": "lokr",
+    "lokr_w2a": "lokr",
+    "lokr_w2b": "lokr",
+    "lokr_t2": "lokr",
+    "diff": "diff",
+    "up_bias": None,
+    "diff_b": None,
+    "alpha": None,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,33 +46,54 @@ class Record:
     Attributes:
       component: `unet`, `text_encoder`, `text_encoder_2` or `transformer`.
       module: diffusers/PyTorch module name, e.g. `down_blocks.0.attentions.0.proj_in`.
-      kind: adapter kind; `lora` for now.
-      tensors: role -> tensor in PyTorch layout (`down` (r, in[, kh, kw]), `up` (out, r[, 1, 1])).
-      alpha: LoRA alpha, or None when the file gives none (then alpha = rank).
-      keys: the source keys this record consumed.
+      kind: `lora` (incl. LoCon, Tucker, DoRA), `loha`, `lokr`, `diff`, or `bias` (bias delta only).
+      tensors: role -> tensor in PyTorch layout (roles in `ROLE_KINDS`).
+      sources: role -> the source key it came from.
+      alpha: alpha from the file, or None (then alpha = rank).
     """
 
-    component: str
+    component: str | None
     module: str
     kind: str
     tensors: Mapping[str, np.ndarray]
+    sources: Mapping[str, str]
     alpha: float | None
-    keys: tuple[str, ...]
 
     @property
-    def rank(self) -> int:
-        return int(self.tensors["down"].shape[0])
+    def keys(self) -> tuple[str, ...]:
+        return tuple(sorted(self.sources.values()))
+
+    @property
+    def rank(self) -> int | None:
+        t = self.tensors
+        if self.kind == "lora":
+            return int(t["down"].shape[0])
+        if self.kind == "loha":
+            return int(t["w1b"].shape[0])
+        if self.kind == "lokr":  # LyCORIS: the last decomposed factor gives the dim
+            for role in ("lokr_w2b", "lokr_w1b"):
+                if role in t:
+                    return int(t[role].shape[0])
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """A record mapped onto one weight of the params tree, factors in Flax layout.
+    """An adapter leaf for one weight of the params tree.
 
-    `a` has the kernel's shape with the last axis replaced by the rank; `b` is (rank, out).
+    Attributes:
+      record: where it came from.
+      path: path of the weight in the params tree.
+      leaf: leaf type name (`lora`, `loha`, `lokr`, `diff`, `dora`).
+      fields: the leaf's fields: numpy arrays in Flax layout, floats, and static flags.
     """
 
     record: Record
     path: tuple[str, ...]
-    a: np.ndarray
-    b: np.ndarray
-    alpha: float
+    leaf: str
+    fields: Mapping[str, Any]
+
+    @property
+    def alpha(self) -> float | None:
+        value = self.fields.get("alpha")
+        return None if value is None else float(value)

@@ -9,7 +9,13 @@ from jlora.core import fuse
 from jlora.core import unfuse
 from jlora.errors import JloraError
 from jlora.init import init_adapter
+from jlora.leaf import AdapterLeaf
+from jlora.leaf import DiffLeaf
+from jlora.leaf import DoraLeaf
+from jlora.leaf import LohaLeaf
+from jlora.leaf import LokrLeaf
 from jlora.leaf import LoraLeaf
+from jlora.leaf import SumLeaf
 from jlora.leaf import is_adapter_leaf
 from jlora.loading import load_lora
 from jlora.loading import load_lora_weights
@@ -22,8 +28,14 @@ from jlora.sharding import shard_adapter
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterLeaf",
+    "DiffLeaf",
+    "DoraLeaf",
     "JloraError",
+    "LohaLeaf",
+    "LokrLeaf",
     "LoraLeaf",
+    "SumLeaf",
     "adapter_shardings",
     "adapter_specs",
     "apply",

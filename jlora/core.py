@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.errors import InvalidAdapterError, UnsafeFusingError
-from jlora.leaf import LoraLeaf, is_adapter_leaf
+from jlora.leaf import LoraLeaf, SumLeaf, is_adapter_leaf
 
 PyTree = Any
 
@@ -143,6 +143,10 @@ def combine(adapters: Mapping[str, PyTree] | Sequence[PyTree], weights=None) -> 
         present = [(l, w) for l, w in zip(leaves, ws) if l is not None]
         if not present:
             return None
+        if any(not l.invertible for l, _ in present):
+            raise InvalidAdapterError("combine: DoRA leaves rescale weights and cannot be summed with other adapters.")
+        if not all(isinstance(l, LoraLeaf) for l, _ in present):
+            return SumLeaf(parts=tuple(l for l, _ in present), weights=jnp.stack([jnp.asarray(w, jnp.float32) for _, w in present]))
         a = jnp.concatenate(
             [jnp.asarray(l.a, jnp.float32) * (jnp.asarray(w, jnp.float32) * l.alpha / l.rank) for l, w in present], axis=-1
         )

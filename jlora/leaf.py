@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -43,6 +44,13 @@ class AdapterLeaf:
     def invertible(self) -> bool:
         """Whether `merge` can be undone by merging with `-scale` (true for additive leaves)."""
         return True
+
+    def partition_specs(self, spec: tuple):
+        """This leaf with each array replaced by its PartitionSpec, given the weight's full spec.
+
+        The default replicates every field; low-rank leaves shard like their weight.
+        """
+        return jax.tree.map(lambda _: P(), self)
 
 
 @jax.tree_util.register_dataclass
@@ -77,6 +85,162 @@ class LoraLeaf(AdapterLeaf):
     def delta(self) -> jax.Array:
         """The float32 weight delta `(alpha / r) * a @ b`, shaped like the kernel."""
         return _low_rank(self.a, self.b) * (_f32(self.alpha) / self.rank)
+
+    def partition_specs(self, spec: tuple):
+        return LoraLeaf(a=P(*spec[:-1], None), b=P(None, spec[-1]), alpha=P())
+
+
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LohaLeaf(AdapterLeaf):
+    """LyCORIS LoHa: `delta = (alpha / r) * (a1 @ b1) * (a2 @ b2)` (Hadamard product).
+
+    Factors in Flax layout like `LoraLeaf`: `a1`, `a2` have the kernel's shape with the
+    last axis replaced by the rank, `b1`, `b2` are `(r, out)`.
+    """
+
+    a1: jax.Array
+    b1: jax.Array
+    a2: jax.Array
+    b2: jax.Array
+    alpha: jax.Array
+
+    @property
+    def rank(self) -> int:
+        return self.b1.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.a1.shape[:-1]) + (self.b1.shape[-1],)
+
+    def delta(self) -> jax.Array:
+        return _low_rank(self.a1, self.b1) * _low_rank(self.a2, self.b2) * (_f32(self.alpha) / self.rank)
+
+    def partition_specs(self, spec: tuple):
+        a, b = P(*spec[:-1], None), P(None, spec[-1])
+        return LohaLeaf(a1=a, b1=b, a2=a, b2=b, alpha=P())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LokrLeaf(AdapterLeaf):
+    """LyCORIS LoKr: `delta = factor * kron(w1, w2)` in Flax layout.
+
+    `w1` is `(in1, out1)`; `w2` is `(..., in2, out2)` (conv: `(kh, kw, in2, out2)`); the
+    kernel is `(..., in1 * in2, out1 * out2)`. `factor` is alpha / rank when a factor
+    was stored decomposed, else 1 (the converter resolves it).
+    """
+
+    w1: jax.Array
+    w2: jax.Array
+    factor: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        i1, o1 = self.w1.shape
+        *k, i2, o2 = self.w2.shape
+        return tuple(k) + (i1 * i2, o1 * o2)
+
+    def delta(self) -> jax.Array:
+        w1, w2 = _f32(self.w1), _f32(self.w2)
+        *k, i2, o2 = w2.shape
+        i1, o1 = w1.shape
+        d = jnp.einsum("ab,...cd->...acbd", w1, w2, precision=_HI)
+        return d.reshape(tuple(k) + (i1 * i2, o1 * o2)) * _f32(self.factor)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DiffLeaf(AdapterLeaf):
+    """A full delta for one weight or bias: `delta = factor * diff` (`.diff`, `.diff_b`, `lora_B.bias`)."""
+
+    diff: jax.Array
+    factor: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.diff.shape)
+
+    def delta(self) -> jax.Array:
+        return _f32(self.diff) * _f32(self.factor)
+
+    def partition_specs(self, spec: tuple):
+        return DiffLeaf(diff=P(*spec), factor=P())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DoraLeaf(AdapterLeaf):
+    """DoRA: a LoRA whose merged weight is renormalised to a learned magnitude.
+
+    `V = W + s * (alpha / r) * a @ b`, then `W' = magnitude * V / ||V||`, the norm taken
+    over the axes where `magnitude` has size 1 (PEFT: per output channel; kohya/LyCORIS
+    `dora_scale`: per output or per input channel, as the file stores it).
+
+    `strength_inside=True` is PEFT's rule (the call scale multiplies the LoRA inside
+    the norm). `False` is the kohya/LyCORIS rule used by ComfyUI: the DoRA weight is
+    computed at scale 1 and the result is blended, `W + s * (W' - W)`.
+    """
+
+    a: jax.Array
+    b: jax.Array
+    alpha: jax.Array
+    magnitude: jax.Array
+    strength_inside: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.a.shape[:-1]) + (self.b.shape[-1],)
+
+    @property
+    def invertible(self) -> bool:
+        return False
+
+    def delta(self) -> jax.Array:
+        """The low-rank part at scale 1 (before renormalisation)."""
+        return _low_rank(self.a, self.b) * (_f32(self.alpha) / self.rank)
+
+    def partition_specs(self, spec: tuple):
+        m = P(*(None if n == 1 else s for n, s in zip(self.magnitude.shape, spec)))
+        return DoraLeaf(a=P(*spec[:-1], None), b=P(None, spec[-1]), alpha=P(), magnitude=m, strength_inside=self.strength_inside)
+
+    def _renormalised(self, v: jax.Array) -> jax.Array:
+        m = _f32(self.magnitude)
+        axes = tuple(i for i, n in enumerate(m.shape) if n == 1)
+        norm = jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
+        return v * (m / norm)
+
+    def merge(self, w: jax.Array, scale) -> jax.Array:
+        w, s = _f32(w), _f32(scale)
+        if self.strength_inside:
+            return self._renormalised(w + s * self.delta())
+        return w + s * (self._renormalised(w + self.delta()) - w)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SumLeaf(AdapterLeaf):
+    """Several additive leaves on one weight: `delta = sum_i weights[i] * parts[i].delta()`."""
+
+    parts: tuple
+    weights: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.parts[0].shape
+
+    def delta(self) -> jax.Array:
+        w = _f32(self.weights)
+        return sum(w[i] * p.delta() for i, p in enumerate(self.parts))
+
+    def partition_specs(self, spec: tuple):
+        return SumLeaf(parts=tuple(p.partition_specs(spec) for p in self.parts), weights=P())
 
 
 def is_adapter_leaf(x) -> bool:

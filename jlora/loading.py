@@ -12,7 +12,7 @@ from converters import convert as _convert
 from converters import get_family, read_state_dict
 from converters.formats.peft import parse_metadata
 from jlora.errors import JloraError
-from jlora.leaf import LoraLeaf
+from jlora.leaf import DiffLeaf, DoraLeaf, LohaLeaf, LokrLeaf, LoraLeaf
 
 PyTree = Any
 
@@ -61,13 +61,26 @@ def lora_state_dict(source, *, return_lora_metadata: bool = False, **file_kwargs
     return tensors
 
 
+LEAF_TYPES = {"lora": LoraLeaf, "loha": LohaLeaf, "lokr": LokrLeaf, "diff": DiffLeaf, "dora": DoraLeaf}
+
+
+def _field(value, dtype):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return jnp.asarray(value, jnp.float32)
+    arr = np.asarray(value)
+    return jnp.asarray(arr.astype(dtype) if dtype is not None else arr)
+
+
+def make_leaf(placement, dtype=None):
+    """The adapter leaf object of a converter placement (arrays moved to jax)."""
+    cls = LEAF_TYPES[placement.leaf]
+    return cls(**{k: _field(v, dtype) for k, v in placement.fields.items()})
+
+
 def _build_adapter(params: PyTree, placements, dtype) -> PyTree:
-    by_path = {}
-    for p in placements:
-        a, b = np.asarray(p.a), np.asarray(p.b)
-        if dtype is not None:
-            a, b = a.astype(dtype), b.astype(dtype)
-        by_path[p.path] = LoraLeaf(a=jnp.asarray(a), b=jnp.asarray(b), alpha=jnp.asarray(p.alpha, jnp.float32))
+    by_path = {p.path: make_leaf(p, dtype) for p in placements}
     return jax.tree_util.tree_map_with_path(lambda kp, _: by_path.get(path_of(kp)), params)
 
 

@@ -16,7 +16,7 @@ from converters.naming import NamingScheme, detect_scheme, get_scheme
 from converters.safetensors_io import save_file
 from converters.sources import WEIGHT_NAME
 from jlora.errors import JloraError
-from jlora.leaf import is_adapter_leaf
+from jlora.leaf import LoraLeaf, is_adapter_leaf
 from jlora.loading import path_of
 
 PyTree = Any
@@ -34,6 +34,11 @@ def _component_state(component: str, adapter: PyTree, scheme, dtype):
     for path, leaf in zip(paths, (l for _, l in flat)):
         if leaf is None:
             continue
+        if not isinstance(leaf, LoraLeaf):
+            raise JloraError(
+                f"{component}:{'/'.join(path)}: a {type(leaf).__name__} cannot be written as a diffusers/PEFT LoRA; "
+                "only LoRA leaves can (fuse other adapter kinds into the weights instead)."
+            )
         if path[-1] != scheme.weight:
             raise JloraError(f"{component}:{'/'.join(path)}: adapter leaf is not on a {scheme.weight!r} weight.")
         module = scheme.to_module(path[:-1])

@@ -1,11 +1,13 @@
 """Shardings of adapter factors derived from the kernels they modify.
 
-For a kernel with `PartitionSpec(*spec)` (one entry per axis), the down factor
+For a kernel with `PartitionSpec(*spec)` (one entry per axis), a LoRA's down factor
 `a` (kernel shape, last axis = rank) takes the kernel's spec on its input axes and
 leaves the rank axis unsharded, and the up factor `b` (rank, out) takes the
 kernel's output-axis spec. Then each device's slice of `a @ b` is exactly its
 slice of the kernel: applying an adapter needs no communication, under `jit`
-with `NamedSharding`s and inside `shard_map` alike.
+with `NamedSharding`s and inside `shard_map` alike. Each leaf type says how its
+fields shard (`AdapterLeaf.partition_specs`); LoKr factors are replicated, and a
+DoRA norm over a sharded axis needs `jit` (XLA adds the reduction), not `shard_map`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.errors import InvalidAdapterError
-from jlora.leaf import LoraLeaf, is_adapter_leaf
+from jlora.leaf import AdapterLeaf, is_adapter_leaf
 
 PyTree = Any
 
@@ -26,18 +28,16 @@ def _full_spec(spec: PartitionSpec, ndim: int) -> tuple:
     return entries + (None,) * (ndim - len(entries))
 
 
-def leaf_specs(kernel_spec: PartitionSpec, kernel_ndim: int) -> LoraLeaf:
-    """PartitionSpecs of `(a, b, alpha)` for a kernel of `kernel_ndim` axes sharded as `kernel_spec`."""
-    spec = _full_spec(kernel_spec, kernel_ndim)
-    return LoraLeaf(a=PartitionSpec(*spec[:-1], None), b=PartitionSpec(None, spec[-1]), alpha=PartitionSpec())
+def leaf_specs(leaf: AdapterLeaf, kernel_spec: PartitionSpec):
+    """The leaf with each field replaced by its PartitionSpec, for a weight sharded as `kernel_spec`."""
+    return leaf.partition_specs(_full_spec(kernel_spec, len(leaf.shape)))
 
 
-def _leaf_sharding(leaf: LoraLeaf, sharding) -> LoraLeaf:
+def _leaf_sharding(leaf: AdapterLeaf, sharding):
     if isinstance(sharding, NamedSharding):
-        specs = leaf_specs(sharding.spec, len(leaf.shape))
-        return jax.tree.map(lambda s: NamedSharding(sharding.mesh, s), specs)
+        return jax.tree.map(lambda s: NamedSharding(sharding.mesh, s), leaf_specs(leaf, sharding.spec))
     if sharding.is_fully_replicated:
-        return LoraLeaf(a=sharding, b=sharding, alpha=sharding)
+        return jax.tree.map(lambda _: sharding, leaf)
     raise InvalidAdapterError(
         f"cannot derive adapter shardings from a {type(sharding).__name__}; shard params with NamedSharding."
     )
@@ -49,7 +49,7 @@ def adapter_specs(adapter: PyTree, param_specs: PyTree) -> PyTree:
     `param_specs` is a tree of `PartitionSpec` shaped like the params.
     """
     return jax.tree.map(
-        lambda leaf, spec: None if leaf is None else leaf_specs(spec, len(leaf.shape)),
+        lambda leaf, spec: None if leaf is None else leaf_specs(leaf, spec),
         adapter,
         param_specs,
         is_leaf=lambda x: is_adapter_leaf(x) or isinstance(x, PartitionSpec),

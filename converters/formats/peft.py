@@ -14,7 +14,7 @@ from typing import Mapping
 
 from converters.engine import Format, Rule, register_format
 from converters.records import Record
-from converters.errors import CorruptFileError, UnsupportedFormatError
+from converters.errors import CorruptFileError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer", "prior")
 METADATA_KEY = "lora_adapter_metadata"
@@ -25,6 +25,8 @@ _ADAPTER = r"(?:\.[A-Za-z_][\w-]*)?"  # optional PEFT adapter name, e.g. lora_A.
 RULES = (
     Rule(_PREFIX + r"(?P<module>.+?)\.lora_A" + _ADAPTER + r"\.weight", "down"),
     Rule(_PREFIX + r"(?P<module>.+?)\.lora_B" + _ADAPTER + r"\.weight", "up"),
+    Rule(_PREFIX + r"(?P<module>.+?)\.lora_B" + _ADAPTER + r"\.bias", "up_bias"),
+    Rule(_PREFIX + r"(?P<module>.+?)\.lora_magnitude_vector" + _ADAPTER + r"(?:\.weight)?", "magnitude"),
     Rule(_PREFIX + r"(?P<module>.+?)\.alpha", "alpha"),
 )
 
@@ -76,12 +78,8 @@ def resolve_alpha(record: Record, config: Mapping) -> float | None:
 
     Returns None (alpha = rank) when neither the config nor the file gives an alpha.
     """
-    if not config:
+    if not config or record.kind not in ("lora", "bias"):
         return record.alpha
-    if config.get("use_dora"):
-        raise UnsupportedFormatError(
-            f"{record.component}.{record.module}: the file is a DoRA adapter (use_dora=true); DoRA files are not supported yet."
-        )
     alpha = _pattern_value(config.get("alpha_pattern"), record.module)
     if alpha is None:
         alpha = config.get("lora_alpha", record.alpha if record.alpha is not None else config.get("r"))
