@@ -1,3 +1,5 @@
 """Format rule tables. Importing this package registers every format with the engine."""
 
+from converters.formats import diffusers_old  # noqa: F401
+from converters.formats import kohya  # noqa: F401
 from converters.formats import peft  # noqa: F401
