@@ -160,11 +160,11 @@ def _suggest(module: str, index: ShapeIndex, scheme: NamingScheme) -> str:
     return f"no {path[0]!r} at the top of the params tree"
 
 
-def _resolve_module(fmt: engine.Format, rec: Record, table: Mapping[str, str | None]) -> tuple[str | None, str]:
+def _resolve_module(fmt: engine.Format, rec: Record, table: Mapping[str, str | None], context: Mapping) -> tuple[str | None, str]:
     """The module name of a record in the target's naming (None and a reason if it has none)."""
     module = rec.module
     if fmt.rename is not None:
-        module = fmt.rename(rec.component, module, table)
+        module = fmt.rename(rec.component, module, context)
     if not fmt.underscored:
         return module, ""
     resolved = table.get(module)
@@ -209,13 +209,14 @@ def convert(
     resolved = {c: get_scheme(schemes[c]) if schemes.get(c) else detect_scheme(idx) for c, idx in targets.items()}
     report.schemes = {c: s.name for c, s in resolved.items()}
     tables = {c: module_table(targets[c], resolved[c]) for c in targets}
+    contexts = {c: fmt.context(tables[c]) if fmt.context else {} for c in targets}
     seen: dict[tuple[str, Path], str] = {}
     for rec in records:
         if rec.component not in targets:
             report.skipped.update({k: rec.component for k in rec.keys})
             continue
         index, scheme = targets[rec.component], resolved[rec.component]
-        module, why = _resolve_module(fmt, rec, tables[rec.component])
+        module, why = _resolve_module(fmt, rec, tables[rec.component], contexts[rec.component])
         if module is None:
             report.unplaced.update({k: why for k in rec.keys})
             continue

@@ -41,7 +41,12 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-    """A LoRA file format: how to recognise it and how to read its keys."""
+    """A LoRA file format: how to recognise it and how to read its keys.
+
+    `underscored`: module names have dots replaced by underscores and are resolved
+    against the target's modules. `context(modules)` computes, once per component,
+    what `rename(component, module, context)` needs (e.g. the UNet's layers per block).
+    """
 
     name: str
     rules: tuple[Rule, ...]
@@ -49,6 +54,7 @@ class Format:
     components: Mapping[str | None, str | None] = dataclasses.field(default_factory=dict)
     roles: Mapping[str, str] = dataclasses.field(default_factory=dict)
     underscored: bool = False
+    context: Callable[[Mapping[str, str | None]], Mapping] | None = None
     rename: Callable[[str | None, str, Mapping], str] | None = None
     description: str = ""
 

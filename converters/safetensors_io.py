@@ -8,7 +8,6 @@ overlaps. bfloat16 and float8 tensors come back as `ml_dtypes` numpy arrays.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from typing import Mapping
@@ -90,19 +89,24 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
 
 
 def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Load every tensor of a safetensors file as numpy arrays, plus its string metadata."""
+    """Load every tensor of a safetensors file as numpy arrays, plus its string metadata.
+
+    The data section is read once into one buffer; the arrays are views into it.
+    """
     header, metadata, start = read_header(path)
     tensors: dict[str, np.ndarray] = {}
     if not header:
         return tensors, metadata
+    end = max(entry["data_offsets"][1] for entry in header.values())
+    buf = bytearray(end)
     with open(path, "rb") as f:
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            for key, entry in header.items():
-                begin, end = entry["data_offsets"]
-                dtype = _DTYPES[entry["dtype"]]
-                flat = np.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
-                tensors[key] = flat.reshape(entry["shape"]).copy()
-                del flat  # release the view so the map can close
+        f.seek(start)
+        if f.readinto(memoryview(buf)) != end:
+            raise _corrupt(path, "the data section ended early (truncated while reading)")
+    for key, entry in header.items():
+        begin, stop = entry["data_offsets"]
+        dtype = _DTYPES[entry["dtype"]]
+        tensors[key] = np.frombuffer(buf, dtype=dtype, count=(stop - begin) // dtype.itemsize, offset=begin).reshape(entry["shape"])
     return tensors, metadata
 
 

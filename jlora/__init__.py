@@ -1,6 +1,8 @@
 """jlora: LoRA loading, applying, fusing and saving for JAX/Flax diffusion models."""
 
 from jlora import errors
+from jlora.adapter_file import load_adapters
+from jlora.adapter_file import save_adapters
 from jlora.core import apply
 from jlora.core import combine
 from jlora.core import count
@@ -17,6 +19,7 @@ from jlora.leaf import LokrLeaf
 from jlora.leaf import LoraLeaf
 from jlora.leaf import SumLeaf
 from jlora.leaf import is_adapter_leaf
+from jlora.loading import abstract_params
 from jlora.loading import load_lora
 from jlora.loading import load_lora_weights
 from jlora.loading import lora_state_dict
@@ -36,6 +39,7 @@ __all__ = [
     "LokrLeaf",
     "LoraLeaf",
     "SumLeaf",
+    "abstract_params",
     "adapter_shardings",
     "adapter_specs",
     "apply",
@@ -46,9 +50,11 @@ __all__ = [
     "fuse",
     "init_adapter",
     "is_adapter_leaf",
+    "load_adapters",
     "load_lora",
     "load_lora_weights",
     "lora_state_dict",
+    "save_adapters",
     "save_lora_weights",
     "shard_adapter",
     "unfuse",

@@ -32,9 +32,26 @@ def path_of(keypath) -> tuple[str, ...]:
 
 
 def shape_index(params: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-    """`{path: (shape, dtype)}` of every array leaf of a params tree."""
+    """`{path: (shape, dtype)}` of every array leaf of a params tree (arrays or `jax.ShapeDtypeStruct`s)."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {path_of(kp): (tuple(np.shape(x)), getattr(x, "dtype", None)) for kp, x in flat}
+    return {
+        path_of(kp): (tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x)), getattr(x, "dtype", None))
+        for kp, x in flat
+    }
+
+
+def abstract_params(index) -> dict:
+    """A nested dict of `jax.ShapeDtypeStruct` from a shape index (`converters.architectures`).
+
+    Loading onto it builds adapters for a model whose weights are not at hand.
+    """
+    tree: dict = {}
+    for path, (shape, dtype) in index.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jax.ShapeDtypeStruct(shape, dtype)
+    return tree
 
 
 def _split_file_kwargs(kwargs: dict) -> dict:
@@ -64,23 +81,29 @@ def lora_state_dict(source, *, return_lora_metadata: bool = False, **file_kwargs
 LEAF_TYPES = {"lora": LoraLeaf, "loha": LohaLeaf, "lokr": LokrLeaf, "diff": DiffLeaf, "dora": DoraLeaf}
 
 
-def _field(value, dtype):
+def _host_field(value, dtype):
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)):
-        return jnp.asarray(value, jnp.float32)
+        return np.float32(value)
     arr = np.asarray(value)
-    return jnp.asarray(arr.astype(dtype) if dtype is not None else arr)
+    return arr.astype(dtype) if dtype is not None else arr
 
 
-def make_leaf(placement, dtype=None):
-    """The adapter leaf object of a converter placement (arrays moved to jax)."""
-    cls = LEAF_TYPES[placement.leaf]
-    return cls(**{k: _field(v, dtype) for k, v in placement.fields.items()})
+def make_leaves(placements, dtype=None) -> list:
+    """Adapter leaf objects of converter placements, all arrays moved to the device in one transfer."""
+    host = [{k: _host_field(v, dtype) for k, v in p.fields.items()} for p in placements]
+    arrays = [v for fields in host for v in fields.values() if not isinstance(v, bool)]
+    moved = iter(jax.device_put(arrays))
+    leaves = []
+    for p, fields in zip(placements, host):
+        kwargs = {k: (v if isinstance(v, bool) else next(moved)) for k, v in fields.items()}
+        leaves.append(LEAF_TYPES[p.leaf](**kwargs))
+    return leaves
 
 
 def _build_adapter(params: PyTree, placements, dtype) -> PyTree:
-    by_path = {p.path: make_leaf(p, dtype) for p in placements}
+    by_path = {p.path: leaf for p, leaf in zip(placements, make_leaves(placements, dtype))}
     return jax.tree_util.tree_map_with_path(lambda kp, _: by_path.get(path_of(kp)), params)
 
 

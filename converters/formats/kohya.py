@@ -111,9 +111,13 @@ def sgm_to_diffusers(module: str, n_layers: int) -> str:
     return f"up_blocks_{block}_attentions_{layer}_{rest}"
 
 
-def _rename(component: str | None, module: str, modules: Mapping[str, str | None]) -> str:
+def _context(modules: Mapping[str, str | None]) -> dict:
+    return {"layers_per_block": layers_per_block(modules)}
+
+
+def _rename(component: str | None, module: str, context: Mapping) -> str:
     if component == "unet":
-        return sgm_to_diffusers(module, layers_per_block(modules))
+        return sgm_to_diffusers(module, context["layers_per_block"])
     return module
 
 
@@ -129,6 +133,7 @@ FORMAT = register_format(
         components=COMPONENTS,
         roles=ROLES,
         underscored=True,
+        context=_context,
         rename=_rename,
         description="kohya / A1111 / LyCORIS (lora_down, LoCon, LoHa, LoKr, DoRA, diff)",
     )

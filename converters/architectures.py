@@ -1,0 +1,167 @@
+"""Shape indexes of standard diffusion architectures, without building any model.
+
+`unet_index(config)` gives `{path: (shape, dtype)}` of a diffusers-Flax
+`FlaxUNet2DConditionModel` for a diffusers UNet config; `clip_index(...)` the same
+for a transformers-Flax CLIP text model. With `family_indexes("sdxl")` the
+converters can check and convert a LoRA file for a family with no weights at hand
+(`jlora inspect`, `jlora convert`, benchmarks on real-size trees).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+Path = tuple[str, ...]
+Index = dict[Path, tuple[tuple[int, ...], np.dtype]]
+
+SD15_UNET = dict(
+    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, transformer_layers_per_block=1, use_linear_projection=False,
+)
+SD2_UNET = dict(SD15_UNET, cross_attention_dim=1024, use_linear_projection=True)
+SDXL_UNET = dict(
+    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, projection_dim=None)
+CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, projection_dim=None)
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, projection_dim=1280)
+
+FAMILY_MODELS = {
+    "sd": {"unet": SD15_UNET, "text_encoder": CLIP_L},
+    "sd2": {"unet": SD2_UNET, "text_encoder": CLIP_H},
+    "sdxl": {"unet": SDXL_UNET, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G},
+}
+
+
+class _Builder:
+    def __init__(self, dtype):
+        self.index: Index = {}
+        self.dtype = np.dtype(dtype)
+
+    def add(self, path: Path, shape) -> None:
+        self.index[path] = (tuple(int(s) for s in shape), self.dtype)
+
+    def dense(self, path: Path, n_in: int, n_out: int, bias: bool = True) -> None:
+        self.add(path + ("kernel",), (n_in, n_out))
+        if bias:
+            self.add(path + ("bias",), (n_out,))
+
+    def conv(self, path: Path, n_in: int, n_out: int, k: int) -> None:
+        self.add(path + ("kernel",), (k, k, n_in, n_out))
+        self.add(path + ("bias",), (n_out,))
+
+    def norm(self, path: Path, n: int) -> None:
+        self.add(path + ("scale",), (n,))
+        self.add(path + ("bias",), (n,))
+
+    def resnet(self, path: Path, n_in: int, n_out: int, temb: int) -> None:
+        self.norm(path + ("norm1",), n_in)
+        self.conv(path + ("conv1",), n_in, n_out, 3)
+        self.dense(path + ("time_emb_proj",), temb, n_out)
+        self.norm(path + ("norm2",), n_out)
+        self.conv(path + ("conv2",), n_out, n_out, 3)
+        if n_in != n_out:
+            self.conv(path + ("conv_shortcut",), n_in, n_out, 1)
+
+    def transformer(self, path: Path, ch: int, cross: int, layers: int, linear: bool) -> None:
+        self.norm(path + ("norm",), ch)
+        for name in ("proj_in", "proj_out"):
+            (self.dense if linear else lambda p, a, b: self.conv(p, a, b, 1))(path + (name,), ch, ch)
+        for k in range(layers):
+            block = path + (f"transformer_blocks_{k}",)
+            for attn, kv in (("attn1", ch), ("attn2", cross)):
+                self.dense(block + (attn, "to_q"), ch, ch, bias=False)
+                self.dense(block + (attn, "to_k"), kv, ch, bias=False)
+                self.dense(block + (attn, "to_v"), kv, ch, bias=False)
+                self.dense(block + (attn, "to_out_0"), ch, ch)
+            self.dense(block + ("ff", "net_0", "proj"), ch, 8 * ch)
+            self.dense(block + ("ff", "net_2"), 4 * ch, ch)
+            for n in ("norm1", "norm2", "norm3"):
+                self.norm(block + (n,), ch)
+
+
+def _per_block(value, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def unet_index(config: Mapping, dtype=np.float32) -> Index:
+    """The params shape index of a diffusers-Flax UNet2DConditionModel for a diffusers UNet config."""
+    b = _Builder(dtype)
+    ch = tuple(config["block_out_channels"])
+    n, L = len(ch), config.get("layers_per_block", 2)
+    layers = _per_block(config.get("transformer_layers_per_block", 1), n)
+    cross, linear = config.get("cross_attention_dim", 768), config.get("use_linear_projection", False)
+    temb = 4 * ch[0]
+    b.conv(("conv_in",), config.get("in_channels", 4), ch[0], 3)
+    b.dense(("time_embedding", "linear_1"), ch[0], temb)
+    b.dense(("time_embedding", "linear_2"), temb, temb)
+    if config.get("addition_embed_type") == "text_time":
+        b.dense(("add_embedding", "linear_1"), config["projection_class_embeddings_input_dim"], temb)
+        b.dense(("add_embedding", "linear_2"), temb, temb)
+    out = ch[0]
+    for i, kind in enumerate(config["down_block_types"]):
+        n_in, out = out, ch[i]
+        for j in range(L):
+            b.resnet((f"down_blocks_{i}", f"resnets_{j}"), n_in if j == 0 else out, out, temb)
+            if kind.startswith("CrossAttn"):
+                b.transformer((f"down_blocks_{i}", f"attentions_{j}"), out, cross, layers[i], linear)
+        if i < n - 1:
+            b.conv((f"down_blocks_{i}", "downsamplers_0", "conv"), out, out, 3)
+    b.resnet(("mid_block", "resnets_0"), ch[-1], ch[-1], temb)
+    b.transformer(("mid_block", "attentions_0"), ch[-1], cross, layers[-1], linear)
+    b.resnet(("mid_block", "resnets_1"), ch[-1], ch[-1], temb)
+    rch, rlayers = ch[::-1], layers[::-1]
+    out = rch[0]
+    for i, kind in enumerate(config["up_block_types"]):
+        prev, out, n_in = out, rch[i], rch[min(i + 1, n - 1)]
+        for j in range(L + 1):
+            skip = n_in if j == L else out
+            b.resnet((f"up_blocks_{i}", f"resnets_{j}"), (prev if j == 0 else out) + skip, out, temb)
+            if kind.startswith("CrossAttn"):
+                b.transformer((f"up_blocks_{i}", f"attentions_{j}"), out, cross, rlayers[i], linear)
+        if i < n - 1:
+            b.conv((f"up_blocks_{i}", "upsamplers_0", "conv"), out, out, 3)
+    b.norm(("conv_norm_out",), ch[0])
+    b.conv(("conv_out",), ch[0], config.get("out_channels", 4), 3)
+    return b.index
+
+
+def clip_index(hidden_size: int, intermediate_size: int, num_hidden_layers: int, projection_dim: int | None = None,
+               vocab_size: int = 49408, max_position_embeddings: int = 77, dtype=np.float32) -> Index:
+    """The params shape index of a transformers-Flax CLIP text model (with projection if `projection_dim`)."""
+    b = _Builder(dtype)
+    d, root = hidden_size, ("text_model",)
+    b.add(root + ("embeddings", "token_embedding", "embedding"), (vocab_size, d))
+    b.add(root + ("embeddings", "position_embedding", "embedding"), (max_position_embeddings, d))
+    for i in range(num_hidden_layers):
+        layer = root + ("encoder", "layers", str(i))
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            b.dense(layer + ("self_attn", p), d, d)
+        b.dense(layer + ("mlp", "fc1"), d, intermediate_size)
+        b.dense(layer + ("mlp", "fc2"), intermediate_size, d)
+        b.norm(layer + ("layer_norm1",), d)
+        b.norm(layer + ("layer_norm2",), d)
+    b.norm(root + ("final_layer_norm",), d)
+    if projection_dim:
+        b.dense(("text_projection",), d, projection_dim, bias=False)
+    return b.index
+
+
+def family_indexes(family: str, dtype=np.float16) -> dict[str, Index]:
+    """Shape indexes of every component of a family's standard models (`sd`, `sd2`, `sdxl`)."""
+    from converters.errors import JloraError
+
+    if family not in FAMILY_MODELS:
+        raise JloraError(f"no standard architecture for family {family!r}; known: {sorted(FAMILY_MODELS)}.")
+    out = {}
+    for component, cfg in FAMILY_MODELS[family].items():
+        out[component] = unet_index(cfg, dtype) if component == "unet" else clip_index(**cfg, dtype=dtype)
+    return out
