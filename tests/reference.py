@@ -541,7 +541,7 @@ def _infer_pipeline(ref: Ref, path) -> str:
 
 
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
-_UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_linear_layer.up.weight")
+_UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", "_lora.up.weight", ".lora_linear_layer.up.weight")
 
 
 def _file_ranks(state_dict: dict, component: str) -> dict:

@@ -1,0 +1,125 @@
+"""`jlora inspect` and `jlora convert`: figures, JSON, and kohya -> diffusers files that diffusers loads."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import jlora
+import reference as R
+from converters import architectures
+from converters.naming import get_scheme
+from converters.safetensors_io import save_file
+from jlora.cli import main
+from jlora.inspection import convert_file, inspect_file
+from jlora.loading import shape_index
+
+
+def _kohya_from_peft(peft_path, out_path, alpha=6.0):
+    """The same LoRA under kohya names (`lora_unet_...lora_down.weight`, `.alpha`)."""
+    sd = jlora.lora_state_dict(peft_path)
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    out = {}
+    for key, value in sd.items():
+        component, rest = key.split(".", 1)
+        module, role = rest.rsplit(".lora_", 1)
+        name = prefix[component] + module.replace(".", "_")
+        out[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = value
+        out[f"{name}.alpha"] = np.array(alpha, np.float32)
+    save_file(out, out_path)
+    return out_path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    unet, te = R.build_sd15_unet(), R.build_clip_text()
+    d = tmp_path_factory.mktemp("cli")
+    peft_path = R.make_peft_lora_file(d, [unet, te], pipeline="sd")
+    kohya_path = _kohya_from_peft(peft_path, str(d / "style_kohya.safetensors"))
+    indexes = {"unet": shape_index(unet.flax_params), "text_encoder": shape_index(te.flax_params)}
+    return unet, te, kohya_path, indexes, d
+
+
+def test_inspect_reports_format_targets_ranks_alphas(tiny):
+    unet, te, path, indexes, _ = tiny
+    info = inspect_file(path, indexes=indexes)
+    sd = jlora.lora_state_dict(path)
+    n_unet = len({k.split(".")[0] for k in sd if k.startswith("lora_unet_")})
+    n_te = len({k.split(".")[0] for k in sd if k.startswith("lora_te_")})
+    assert info["format"] == "kohya"
+    assert info["components"]["unet"]["modules"] == n_unet and info["components"]["text_encoder"]["modules"] == n_te
+    assert info["targets"] == n_unet + n_te
+    assert info["components"]["unet"]["ranks"] == {"4": n_unet}
+    assert info["components"]["unet"]["alphas"] == [6.0]
+    assert info["dtypes"] == {"float32": len(sd)}
+    assert info["size_bytes"] == os.path.getsize(path) and info["unplaced"] == {} and info["unmatched"] == []
+
+
+def test_inspect_lists_keys_it_cannot_place(tiny, tmp_path):
+    _, _, path, indexes, _ = tiny
+    sd = dict(jlora.lora_state_dict(path))
+    sd["lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight"] = np.zeros((4, 32), np.float32)
+    sd["lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight"] = np.zeros((32, 4), np.float32)
+    sd["lora_unet_mystery.hada_w9"] = np.zeros((2,), np.float32)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(sd, bad)
+    info = inspect_file(bad, indexes=indexes)
+    assert any("down_blocks_7" in k for k in info["unplaced"])
+    assert info["unmatched"] == ["lora_unet_mystery.hada_w9"]
+
+
+def test_convert_kohya_to_diffusers_loads_in_diffusers_with_equal_outputs(tiny, tmp_path):
+    unet, te, path, indexes, _ = tiny
+    result = convert_file(path, str(tmp_path), family="sd", to="diffusers", indexes=indexes)
+    converted = result["output"]
+    assert result["targets"] == inspect_file(path, indexes=indexes)["targets"]
+    for ref in (unet, te):
+        want = R.torch_forward(R.torch_model_with_lora(ref, path, pipeline="sd"), ref, scale=0.8)
+        got = R.torch_forward(R.torch_model_with_lora(ref, converted, pipeline="sd"), ref, scale=0.8)
+        effect = np.abs(want - R.torch_forward(ref.torch_model, ref)).max()
+        assert effect > 0.1
+        assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), ref.name
+
+
+def _full_size_kohya(path, seed, n=40):
+    """A small kohya LoRA on the first `n` Linear kernels of the real SD-1.5 UNet."""
+    rng = np.random.default_rng(seed)
+    index = architectures.family_indexes("sd")["unet"]
+    scheme = get_scheme("diffusers_flax")
+    kernels = [(p, s) for p, (s, _) in index.items() if p[-1] == "kernel" and len(s) == 2][:n]
+    out = {}
+    for p, (n_in, n_out) in kernels:
+        name = "lora_unet_" + scheme.to_module(p[:-1]).replace(".", "_")
+        out[f"{name}.lora_down.weight"] = rng.standard_normal((2, n_in)).astype(np.float16)
+        out[f"{name}.lora_up.weight"] = rng.standard_normal((n_out, 2)).astype(np.float16)
+        out[f"{name}.alpha"] = np.array(1.0, np.float16)
+    save_file(out, path)
+    return path
+
+
+def test_cli_json_and_batch_convert_to_flax(tmp_path, capsys):
+    a = _full_size_kohya(str(tmp_path / "a.safetensors"), 0)
+    b = _full_size_kohya(str(tmp_path / "b.safetensors"), 1, n=10)
+    assert main(["inspect", a, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "sd" and info["targets"] == 40 and info["components"]["unet"]["ranks"] == {"2": 40}
+    assert main(["convert", a, b, "--family", "sd", "--to", "flax", "-o", str(tmp_path / "out"), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["targets"] for r in results] == [40, 10]
+    params = {c: jlora.abstract_params(i) for c, i in architectures.family_indexes("sd").items()}
+    for src, r in zip((a, b), results):
+        back = jlora.load_adapters(r["output"], params)
+        direct = jlora.load_lora_weights(src, params)
+        assert jlora.count(back["unet"]) == jlora.count(direct["unet"])
+        for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(direct)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_cli_reports_failures_with_exit_code(tmp_path, capsys):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00\x01")
+    assert main(["inspect", str(bad), "--json"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert info["error_type"] == "CorruptFileError" and "broken.safetensors" in info["error"]
