@@ -5,6 +5,7 @@ Every figure is a ratio measured in this one run, on this machine:
     python scripts/bench.py                 # SD-1.5-shaped UNet at reduced width (default)
     python scripts/bench.py --size tiny     # the test-suite UNet, seconds
     python scripts/bench.py --size sd15     # full SD-1.5 width (needs ~16 GB RAM, minutes on CPU)
+    python scripts/bench.py --kohya-sdxl    # loading a real-size SDXL kohya file (~190 MB fp16, ~10 GB RAM)
 
 Rows: file -> adapters (jlora) vs diffusers' lora_state_dict + load_lora_into_unet, and vs a raw
 safetensors read; the jitted step with the LoRA applied vs the base step (and vs the fused
@@ -58,13 +59,90 @@ def _time(fn, repeat: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _print(title: str, rows) -> None:
+    print(title + "\n")
+    w = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{w}}  {'A ms':>9}  {'B ms':>9}  {'A/B':>6}  note")
+    for name, x, y, note in rows:
+        print(f"{name:<{w}}  {x:9.2f}  {y:9.2f}  {x / y:6.2f}  {note}")
+
+
+def write_sdxl_kohya(path: str, rank: int = 32, seed: int = 0) -> int:
+    """A kohya LoRA on every Linear and 1x1-conv kernel of the SDXL UNet and CLIP-L (fp16); returns modules."""
+    from converters.architectures import family_indexes
+    from converters.naming import get_scheme
+    from converters.safetensors_io import save_file
+
+    rng = np.random.default_rng(seed)
+    out, n = {}, 0
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_")):
+        scheme = get_scheme("diffusers_flax" if component == "unet" else "torch_mirror")
+        for p, (shape, _) in family_indexes("sdxl")[component].items():
+            if p[-1] != "kernel" or (len(shape) == 4 and shape[0] != 1):
+                continue
+            n_in, n_out = shape[-2], shape[-1]
+            name = prefix + scheme.to_module(p[:-1]).replace(".", "_")
+            k = (1, 1) if len(shape) == 4 else ()
+            out[f"{name}.lora_down.weight"] = (rng.standard_normal((rank, n_in) + k) * 0.01).astype(np.float16)
+            out[f"{name}.lora_up.weight"] = (rng.standard_normal((n_out, rank) + k) * 0.01).astype(np.float16)
+            out[f"{name}.alpha"] = np.array(rank / 2, np.float16)
+            n += 1
+    save_file(out, path)
+    return n
+
+
+def bench_kohya_sdxl(repeat: int) -> None:
+    """file -> adapters for a real-size SDXL kohya file: jlora vs diffusers vs a raw read."""
+    import safetensors.flax
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as M
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from converters.architectures import SDXL_UNET, family_indexes
+
+    tmp = tempfile.mkdtemp(prefix="jlora-bench-")
+    path = os.path.join(tmp, "sdxl_kohya.safetensors")
+    n_modules = write_sdxl_kohya(path)
+    indexes = family_indexes("sdxl")
+    params = {c: jlora.abstract_params(indexes[c]) for c in ("unet", "text_encoder")}
+    jl = _time(lambda: jax.block_until_ready(jlora.load_lora_weights(path, params, family="sdxl")), repeat)
+    raw_np = _time(lambda: safetensors.numpy.load_file(path), repeat)
+    raw_jax = _time(lambda: jax.block_until_ready(safetensors.flax.load_file(path)), repeat)
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET, attention_head_dim=(5, 10, 20))
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
+    unet, te = unet.to_empty(device="cpu").half(), te.to_empty(device="cpu").half()
+    times = []
+    for i in range(max(2, repeat // 2)):
+        t = time.perf_counter()
+        state_dict, alphas = M.lora_state_dict(tmp, weight_name="sdxl_kohya.safetensors")
+        M.load_lora_into_unet(state_dict, alphas, unet, adapter_name=f"a{i}")
+        M.load_lora_into_text_encoder(state_dict, alphas, te, prefix="text_encoder", adapter_name=f"a{i}")
+        times.append(time.perf_counter() - t)
+    dl = statistics.median(times) * 1e3
+    _print(
+        f"\nSDXL kohya file: {n_modules} modules, rank 32, {os.path.getsize(path) / 1e6:.0f} MB fp16 "
+        f"(SDXL UNet + CLIP-L shapes); jax {jax.__version__}, torch {torch.__version__}",
+        [
+            ("file -> adapters: jlora / diffusers load_lora_into_*", jl, dl, "target <= 0.1"),
+            ("file -> adapters: jlora / safetensors.numpy read", jl, raw_np, "target <= 2"),
+            ("file -> adapters: jlora / safetensors.flax read", jl, raw_jax, "both end in device arrays"),
+        ],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--kohya-sdxl", action="store_true", help="only the real-size SDXL kohya loading benchmark")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.kohya_sdxl:
+        bench_kohya_sdxl(args.repeat)
+        return
 
     ref = R._unet_ref(f"bench_{args.size}", _config(args.size), 0, lambda rng: {})
     tmp = tempfile.mkdtemp(prefix="jlora-bench-")
@@ -118,12 +196,11 @@ def main() -> None:
     rows.append(("step: jlora LoRA (jax) / diffusers LoRA (torch)", a, tl, "same CPU, different frameworks"))
 
     n_params = sum(x.size for x in jax.tree.leaves(ref.flax_params))
-    print(f"\nUNet {args.size}: {n_params / 1e6:.1f} M params, LoRA rank {args.rank} on {n_modules} modules, "
-          f"file {os.path.getsize(path) / 1e6:.1f} MB; jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}\n")
-    w = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{w}}  {'A ms':>9}  {'B ms':>9}  {'A/B':>6}  note")
-    for name, x, y, note in rows:
-        print(f"{name:<{w}}  {x:9.2f}  {y:9.2f}  {x / y:6.2f}  {note}")
+    _print(
+        f"\nUNet {args.size}: {n_params / 1e6:.1f} M params, LoRA rank {args.rank} on {n_modules} modules, "
+        f"file {os.path.getsize(path) / 1e6:.1f} MB; jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}",
+        rows,
+    )
 
 
 def _diffusers_load(model, path):
