@@ -108,7 +108,12 @@ def peft_factors(
 # sgm (original Stable Diffusion) UNet names
 # --------------------------------------------------------------------------------------------
 
-_SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_SGM_RESNET = {
+    "conv1": "in_layers.2",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
 _SGM_FIXED = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
@@ -250,7 +255,7 @@ def diffusers_old_state_dict(factors: Mapping[str, Factors]) -> dict:
             else:
                 name = f"{component}.{module}.lora_linear_layer"
             if f.alpha != f.rank:
-                raise ValueError(f"{component}.{module}: the old format has no alphas (alpha {f.alpha} != rank {f.rank})")
+                raise ValueError(f"{component}.{module}: the old format has no alphas (alpha {f.alpha} != {f.rank})")
             out[f"{name}.down.weight"] = f.down
             out[f"{name}.up.weight"] = f.up
     return out

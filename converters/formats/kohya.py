@@ -64,7 +64,9 @@ _FIXED = {
     "out_0": "conv_norm_out",
     "out_2": "conv_out",
 }
-_SGM = re.compile(r"(?P<part>input_blocks|middle_block|output_blocks)_(?P<i>\d+)_(?P<j>\d+)_(?P<rest>.+)")
+_SGM = re.compile(r"(?P<part>input_blocks|output_blocks)_(?P<i>\d+)_(?P<j>\d+)_(?P<rest>.+)")
+_SGM_MID = re.compile(r"middle_block_(?P<i>\d+)_(?P<rest>.+)")
+_MID = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}
 
 
 def _resnet(rest: str) -> str:
@@ -89,6 +91,10 @@ def sgm_to_diffusers(module: str, n_layers: int) -> str:
     """An sgm UNet module name (underscored) as a diffusers name (underscored)."""
     if module in _FIXED:
         return _FIXED[module]
+    m = _SGM_MID.fullmatch(module)
+    if m:
+        i, rest = int(m["i"]), m["rest"]
+        return f"mid_block_{_MID[i]}_{_resnet(rest) if i != 1 else rest}" if i in _MID else module
     m = _SGM.fullmatch(module)
     if not m:
         return module
@@ -100,9 +106,6 @@ def sgm_to_diffusers(module: str, n_layers: int) -> str:
             return f"down_blocks_{block}_downsamplers_0_conv"
         kind = "resnets" if j == 0 else "attentions"
         return f"down_blocks_{block}_{kind}_{layer}_{_resnet(rest) if j == 0 else rest}"
-    if part == "middle_block":
-        name = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}.get(i)
-        return f"mid_block_{name}_{_resnet(rest) if i != 1 else rest}" if name else module
     block, layer = i // per, i % per
     if j == 0:
         return f"up_blocks_{block}_resnets_{layer}_{_resnet(rest)}"
