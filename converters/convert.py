@@ -124,15 +124,15 @@ _LEAF_BUILDERS = {
 }
 
 
-def _place(rec: Record, module: str, index: ShapeIndex, scheme: NamingScheme, alpha: float | None) -> list[Placement] | None:
-    """The placements of one record, or None when its weight is not in the params tree."""
+def _place(rec: Record, module: str, index: ShapeIndex, scheme: NamingScheme, alpha: float | None) -> tuple[list[Placement], str]:
+    """The placements of one record, or no placements and why (a weight missing from the params tree)."""
     module_path = scheme.to_path(module)
     out = []
     where = lambda p: f"{rec.component}:{'/'.join(p)}"  # noqa: E731
     if rec.kind != "bias":
         path = _weight_path(rec, module_path, scheme)
         if path not in index:
-            return None
+            return [], f"module {module!r} has no {'/'.join(path)} in {rec.component}: " + _suggest(path, index)
         shape = index[path][0]
         if rec.kind == "diff":
             leaf, fields = layout.diff_leaf(rec, shape, where(path))
@@ -141,22 +141,27 @@ def _place(rec: Record, module: str, index: ShapeIndex, scheme: NamingScheme, al
             leaf, fields = _LEAF_BUILDERS[rec.kind](rec, shape, where(path), effective)
         out.append(Placement(rec, path, leaf, fields))
     if "up_bias" in rec.tensors or "diff_b" in rec.tensors:
+        role = "up_bias" if "up_bias" in rec.tensors else "diff_b"
         path = module_path + ("bias",)
         if path not in index:
-            return None
+            return [], (
+                f"{rec.sources[role]} is a bias delta but {rec.component} has no {'/'.join(path)} "
+                f"(the layer has no bias): " + _suggest(path, index)
+            )
         factor = 1.0
-        if "up_bias" in rec.tensors and rec.rank:
+        if role == "up_bias" and rec.rank:
             factor = (alpha if alpha is not None else rec.rank) / rec.rank
         leaf, fields = layout.bias_leaf(rec, index[path][0], where(path), factor)
         out.append(Placement(rec, path, leaf, fields))
-    return out
+    return out, ""
 
 
-def _suggest(module: str, index: ShapeIndex, scheme: NamingScheme) -> str:
-    path = scheme.to_path(module)
-    for depth in range(len(path), 0, -1):
-        if any(p[:depth] == path[:depth] for p in index):
-            return f"{'/'.join(path[:depth])} exists but not {'/'.join(path[depth:])}"
+def _suggest(path: Path, index: ShapeIndex) -> str:
+    """Which part of a missing path the params tree does have."""
+    for depth in range(len(path) - 1, 0, -1):
+        have = sorted({p[depth] for p in index if p[:depth] == path[:depth] and len(p) > depth})
+        if have:
+            return f"{'/'.join(path[:depth])} has {have[:8]}{' ...' if len(have) > 8 else ''}, not {path[depth]!r}"
     return f"no {path[0]!r} at the top of the params tree"
 
 
@@ -220,10 +225,11 @@ def convert(
         if module is None:
             report.unplaced.update({k: why for k in rec.keys})
             continue
-        alpha = peft.resolve_alpha(dataclasses.replace(rec, module=module), peft.component_config(metadata, rec.component))
-        placed = _place(rec, module, index, scheme, alpha)
-        if placed is None:
-            why = f"no weight for module {module!r} in {rec.component}: " + _suggest(module, index, scheme)
+        alpha = peft.resolve_alpha(
+            dataclasses.replace(rec, module=module), peft.component_config(metadata, rec.component), origin
+        )
+        placed, why = _place(rec, module, index, scheme, alpha)
+        if not placed:
             report.unplaced.update({k: why for k in rec.keys})
             continue
         for p in placed:
@@ -238,7 +244,7 @@ def convert(
             report.placed.append(
                 PlacedModule(rec.component, module, "/".join(p.path), rec.keys, rec.rank, p.alpha, p.leaf)
             )
-    if not report.placed and report.skipped:
+    if not report.placed and not report.unplaced and report.skipped:
         found = sorted(set(report.skipped.values()))
         raise KeyMismatchError(
             f"{origin}: the LoRA is for components {found} but params were given for {sorted(targets)}; "

@@ -140,10 +140,15 @@ def match_keys(fmt: Format, keys: Iterable[str]) -> tuple[dict[tuple[str, str], 
     return dict(groups), unmatched
 
 
+_FLOATS = {"float16", "float32", "float64", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+
+
 def _alpha_value(key: str, tensor: np.ndarray) -> float:
     arr = np.asarray(tensor)
     if arr.size != 1:
         raise InvalidAdapterError(f"{key}: alpha must be a scalar, got shape {arr.shape}.")
+    if arr.dtype.kind not in "iuf" and str(arr.dtype) not in _FLOATS:
+        raise InvalidAdapterError(f"{key}: alpha must be a real number, got dtype {arr.dtype}.")
     value = float(arr.reshape(()).astype(np.float64))
     if not np.isfinite(value):
         raise InvalidAdapterError(f"{key}: alpha is {value}.")
@@ -168,21 +173,33 @@ def _need(where: str, roles: Mapping[str, str], *groups: tuple[str, ...]) -> Non
             raise InvalidAdapterError(f"{where}: module has no {' or '.join(options)!r} tensor (found {have}).")
 
 
+# ndims each role may have (LoKr factors may be conv-shaped; diffs follow their weight).
+_NDIMS = {
+    "down": (2, 4), "up": (2, 4), "mid": (4,), "magnitude": (1, 2, 4), "dora_scale": (1, 2, 4),
+    "w1a": (2,), "w1b": (2,), "w2a": (2,), "w2b": (2,), "t1": (4,), "t2": (4,),
+    "lokr_w1": (2,), "lokr_w1a": (2,), "lokr_w1b": (2,), "lokr_w2": (2, 4), "lokr_w2a": (2,), "lokr_w2b": (2, 4),
+    "lokr_t2": (4,), "diff": (1, 2, 4), "diff_b": (1,), "up_bias": (1,),
+}
+
+
 def _check_floats(roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
     for role, key in roles.items():
+        if role == "alpha":
+            continue
         t = tensors[key]
-        if role != "alpha" and not (np.issubdtype(t.dtype, np.floating) or "float" in str(t.dtype)):
-            raise InvalidAdapterError(f"{key}: tensor has dtype {t.dtype}, expected a float type.")
-        if role != "alpha" and t.size == 0:
+        if str(t.dtype) not in _FLOATS:
+            raise InvalidAdapterError(f"{key}: tensor has dtype {t.dtype}, expected one of {sorted(_FLOATS)}.")
+        if t.size == 0:
             raise InvalidAdapterError(f"{key}: tensor is empty (shape {tuple(t.shape)}).")
+        if t.ndim not in _NDIMS[role]:
+            raise InvalidAdapterError(
+                f"{key}: a {role!r} tensor must have {' or '.join(map(str, _NDIMS[role]))} dims, got shape {tuple(t.shape)}."
+            )
 
 
 def _check_lora(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
     _need(where, roles, ("down",), ("up",))
     down, up = tensors[roles["down"]], tensors[roles["up"]]
-    for role, t in (("down", down), ("up", up)):
-        if t.ndim not in (2, 4):
-            raise InvalidAdapterError(f"{roles[role]}: LoRA factor must be 2-D or 4-D, got shape {tuple(t.shape)}.")
     r = down.shape[0]
     if up.shape[1] != r:
         raise InvalidAdapterError(
@@ -203,15 +220,20 @@ def _check_lora(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.n
 def _check_loha(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
     _need(where, roles, ("w1a",), ("w1b",), ("w2a",), ("w2b",))
     t = {r: tensors[k] for r, k in roles.items()}
+    if ("t1" in t) != ("t2" in t):
+        raise InvalidAdapterError(f"{where}: LoHa Tucker needs both hada_t1 and hada_t2 (found {sorted(roles.values())}).")
     for i in ("1", "2"):
         a, b = t[f"w{i}a"], t[f"w{i}b"]
-        if a.ndim != 2 or b.ndim != 2:
-            raise InvalidAdapterError(f"{where}: LoHa factors must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}.")
         tucker = f"t{i}" in t
         inner = a.shape[0] if tucker else a.shape[1]
         if inner != b.shape[0]:
             raise InvalidAdapterError(
                 f"{where}: rank mismatch between {roles[f'w{i}a']} {tuple(a.shape)} and {roles[f'w{i}b']} {tuple(b.shape)}."
+            )
+        if tucker and t[f"t{i}"].shape[:2] != (a.shape[0], b.shape[0]):
+            raise InvalidAdapterError(
+                f"{roles[f't{i}']}: Tucker core {tuple(t[f't{i}'].shape)} must start with the ranks "
+                f"({a.shape[0]}, {b.shape[0]}) of {roles[f'w{i}a']} and {roles[f'w{i}b']}."
             )
 
 
@@ -221,12 +243,20 @@ def _check_lokr(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.n
         if f"lokr_w{i}a" in roles:
             _need(where, roles, (f"lokr_w{i}b",))
             a, b = tensors[roles[f"lokr_w{i}a"]], tensors[roles[f"lokr_w{i}b"]]
-            inner = a.shape[0] if f"lokr_t{i}" in roles else a.shape[-1]
-            if a.ndim != 2 or b.ndim < 2 or inner != b.shape[0]:
+            tucker = f"lokr_t{i}" in roles
+            inner = a.shape[0] if tucker else a.shape[-1]
+            if inner != b.shape[0]:
                 raise InvalidAdapterError(
                     f"{where}: LoKr factors {roles[f'lokr_w{i}a']} {tuple(a.shape)} and {roles[f'lokr_w{i}b']} "
                     f"{tuple(b.shape)} do not multiply."
                 )
+            if tucker and (b.ndim != 2 or tensors[roles[f"lokr_t{i}"]].shape[:2] != (a.shape[0], b.shape[0])):
+                raise InvalidAdapterError(
+                    f"{roles[f'lokr_t{i}']}: Tucker core {tuple(tensors[roles[f'lokr_t{i}']].shape)} must start with the "
+                    f"ranks ({a.shape[0]}, {b.shape[0]}) of the 2-D factors {roles[f'lokr_w{i}a']} and {roles[f'lokr_w{i}b']}."
+                )
+        elif f"lokr_t{i}" in roles:
+            raise InvalidAdapterError(f"{roles[f'lokr_t{i}']}: a LoKr Tucker core needs decomposed lokr_w{i}_a/_b factors.")
 
 
 _CHECKS = {"lora": _check_lora, "loha": _check_loha, "lokr": _check_lokr}

@@ -8,6 +8,7 @@ overlaps. bfloat16 and float8 tensors come back as `ml_dtypes` numpy arrays.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Mapping
@@ -35,6 +36,10 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _corrupt(path, why: str) -> CorruptFileError:
     return CorruptFileError(f"{path}: not a valid safetensors file: {why}.")
 
@@ -52,8 +57,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(path, f"header is not JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _corrupt(path, f"header is not JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -64,16 +69,16 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
     for key, entry in header.items():
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise _corrupt(path, f"entry {key!r} lacks dtype/shape/data_offsets")
-        dtype = _DTYPES.get(entry["dtype"])
+        dtype = _DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
         if dtype is None:
             raise _corrupt(path, f"tensor {key!r} has unknown dtype {entry['dtype']!r}")
         shape, offsets = entry["shape"], entry["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise _corrupt(path, f"tensor {key!r} has invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise _corrupt(path, f"tensor {key!r} has invalid data_offsets {offsets!r}")
         begin, end = offsets
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
         if not 0 <= begin <= end <= data_len or end - begin != expected:
             raise _corrupt(
                 path,

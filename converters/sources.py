@@ -119,18 +119,21 @@ def _load_pickle(path: str) -> dict[str, Any]:
 
 def to_numpy(value: Any, key: str = "?") -> np.ndarray:
     """Convert a numpy / jax / torch tensor to a numpy array (bfloat16 kept as ml_dtypes)."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, without importing torch
-        t = value.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            import ml_dtypes
-            import torch
-
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
     try:
+        if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, without importing torch
+            t = value.detach().cpu()
+            if str(t.dtype) == "torch.bfloat16":
+                import ml_dtypes
+                import torch
+
+                return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return t.numpy()
         return np.asarray(value)
     except Exception as e:  # noqa: BLE001 - any failure here is a bad tensor
-        raise CorruptFileError(f"value of key {key!r} is a {type(value).__name__}, not an array ({e}).") from None
+        raise CorruptFileError(
+            f"value of key {key!r} is a {type(value).__name__} that cannot be read as a dense array "
+            f"({type(e).__name__}: {e})."
+        ) from None
 
 
 def read_state_dict(source: Any, *, allow_pickle: bool = False, **resolve_kwargs) -> tuple[dict[str, np.ndarray], dict[str, str], str]:

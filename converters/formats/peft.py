@@ -14,7 +14,7 @@ from typing import Mapping
 
 from converters.engine import Format, Rule, register_format
 from converters.records import Record
-from converters.errors import CorruptFileError
+from converters.errors import CorruptFileError, InvalidAdapterError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer", "prior")
 METADATA_KEY = "lora_adapter_metadata"
@@ -65,27 +65,51 @@ def component_config(metadata: Mapping, component: str | None) -> dict:
     return plain
 
 
-def _pattern_value(pattern: Mapping | None, module: str):
+def _number(value, field: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidAdapterError(
+            f"{where}: lora_adapter_metadata field {field!r} must be a finite number, got {value!r}."
+        )
+    return float(value)
+
+
+def _pattern_value(pattern, module: str, field: str, where: str):
     """PEFT's rule: the first pattern key that matches a dotted suffix of the module name."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+    if pattern is None:
+        return None
+    if not isinstance(pattern, Mapping):
+        raise InvalidAdapterError(f"{where}: lora_adapter_metadata field {field!r} must be an object, got {pattern!r}.")
+    for key, value in pattern.items():
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except (re.error, TypeError) as e:
+            raise InvalidAdapterError(f"{where}: {field} key {key!r} is not a valid pattern ({e}).") from None
+        if hit:
+            return _number(value, f"{field}[{key!r}]", where)
     return None
 
 
-def resolve_alpha(record: Record, config: Mapping) -> float | None:
+def resolve_alpha(record: Record, config: Mapping, origin: str = "<state dict>") -> float | None:
     """Effective alpha of one module such that alpha / rank is PEFT's scaling.
 
     Returns None (alpha = rank) when neither the config nor the file gives an alpha.
+
+    Raises:
+      InvalidAdapterError: a metadata field has the wrong type or a non-finite value.
     """
     if not config or record.kind not in ("lora", "bias"):
         return record.alpha
-    alpha = _pattern_value(config.get("alpha_pattern"), record.module)
+    where = f"{origin}: {record.component}.{record.module}"
+    alpha = _pattern_value(config.get("alpha_pattern"), record.module, "alpha_pattern", where)
     if alpha is None:
-        alpha = config.get("lora_alpha", record.alpha if record.alpha is not None else config.get("r"))
+        if config.get("lora_alpha") is not None:
+            alpha = _number(config["lora_alpha"], "lora_alpha", where)
+        elif record.alpha is not None:
+            alpha = record.alpha
+        elif config.get("r") is not None:
+            alpha = _number(config["r"], "r", where)
     if alpha is None:
         return None
-    alpha = float(alpha)
-    if config.get("use_rslora"):
+    if config.get("use_rslora") and record.rank:
         return alpha * math.sqrt(record.rank)  # rsLoRA scales by alpha / sqrt(r)
     return alpha
