@@ -64,6 +64,9 @@ def apply(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
     return _map(merge, adapter, params, "apply")
 
 
+_apply_jit = jax.jit(apply)  # fusing outside jit: one compiled merge instead of many eager ops
+
+
 def _find_nonfinite(fused: PyTree, adapter: PyTree) -> list[str]:
     paths = jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_adapter_leaf)[0]
     weights = jax.tree_util.tree_flatten(fused)[0]
@@ -84,7 +87,7 @@ def fuse(params: PyTree, adapter: PyTree, scale=1.0, *, safe_fusing: bool = Fals
     >>> fused = jlora.fuse(params, adapter, scale=0.8)
     >>> restored = jlora.unfuse(fused, adapter, scale=0.8)
     """
-    fused = apply(params, adapter, scale)
+    fused = _apply_jit(params, adapter, scale)
     if safe_fusing:
         bad = _find_nonfinite(fused, adapter)
         if bad:
@@ -107,7 +110,7 @@ def unfuse(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
             "unfuse: this adapter has DoRA leaves, whose fusing rescales weights and cannot be subtracted; "
             "keep the params from before fuse() instead."
         )
-    return apply(params, adapter, -jnp.asarray(scale, jnp.float32))
+    return _apply_jit(params, adapter, -jnp.asarray(scale, jnp.float32))
 
 
 def combine(adapters: Mapping[str, PyTree] | Sequence[PyTree], weights=None) -> PyTree:

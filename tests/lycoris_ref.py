@@ -33,7 +33,6 @@ import copy
 import os
 from typing import Callable, Mapping, Optional
 
-import numpy as np
 import torch
 
 import reference as R
@@ -205,7 +204,7 @@ def lokr_delta(t: Mapping[str, torch.Tensor], weight_shape) -> torch.Tensor:
         o1, i1 = w1.shape
         w2 = w2.reshape(weight_shape[0] // o1, weight_shape[1] // i1, *weight_shape[2:])
         w1 = w1[:, :, None, None]
-    return (torch.kron(w1, w2) * c).reshape(weight_shape)
+    return (torch.kron(w1.contiguous(), w2.contiguous()) * c).reshape(weight_shape)
 
 
 def locon_tucker_delta(up: torch.Tensor, mid: torch.Tensor, down: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -298,12 +297,6 @@ def randn(gen: torch.Generator, *shape) -> torch.Tensor:
 
 def modules_of(ref: R.Ref, kinds=(torch.nn.Linear, torch.nn.Conv2d)) -> dict:
     return {n: m for n, m in ref.torch_model.named_modules() if isinstance(m, kinds)}
-
-
-def as_numpy_tree(tree):
-    import jax
-
-    return jax.tree_util.tree_map(np.asarray, tree)
 
 
 LINEAR_PARAM = ("lora_B", "hada_w1_a", "lokr_w1", "lokr_w1_a")
