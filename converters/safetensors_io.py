@@ -103,7 +103,7 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str,
     if not header:
         return tensors, metadata
     end = max(entry["data_offsets"][1] for entry in header.values())
-    buf = bytearray(end)
+    buf = np.empty(end, np.uint8)  # not zero-filled: every byte is read below
     with open(path, "rb") as f:
         f.seek(start)
         if f.readinto(memoryview(buf)) != end:
@@ -111,7 +111,7 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str,
     for key, entry in header.items():
         begin, stop = entry["data_offsets"]
         dtype = _DTYPES[entry["dtype"]]
-        tensors[key] = np.frombuffer(buf, dtype=dtype, count=(stop - begin) // dtype.itemsize, offset=begin).reshape(entry["shape"])
+        tensors[key] = buf[begin:stop].view(dtype).reshape(entry["shape"])
     return tensors, metadata
 
 
