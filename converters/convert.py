@@ -16,11 +16,12 @@ from typing import Mapping
 import numpy as np
 
 import converters.formats  # noqa: F401  (registers the formats)
+import converters.schemes  # noqa: F401  (registers the table naming schemes)
 from converters import engine, layout
 from converters.formats import peft
-from converters.naming import NamingScheme, Path, detect_scheme, get_scheme
+from converters.naming import NamingScheme, Path, Target, detect_scheme, get_scheme
 from converters.records import Placement, Record
-from converters.errors import InvalidAdapterError, KeyMismatchError, UnsupportedFormatError
+from converters.errors import InvalidAdapterError, KeyMismatchError, ShapeMismatchError, UnsupportedFormatError
 
 ShapeIndex = Mapping[Path, tuple[tuple[int, ...], np.dtype]]
 
@@ -126,23 +127,21 @@ _LEAF_BUILDERS = {
 
 def _place(rec: Record, module: str, index: ShapeIndex, scheme: NamingScheme, alpha: float | None) -> tuple[list[Placement], str]:
     """The placements of one record, or no placements and why (a weight missing from the params tree)."""
-    module_path = scheme.to_path(module)
+    target = scheme.target(module)
+    if target is None:
+        return [], f"naming scheme {scheme.name!r} has no place for module {module!r}"
     out = []
-    where = lambda p: f"{rec.component}:{'/'.join(p)}"  # noqa: E731
     if rec.kind != "bias":
-        path = _weight_path(rec, module_path, scheme)
+        path = _weight_path(rec, target.path, scheme)
         if path not in index:
             return [], f"module {module!r} has no {'/'.join(path)} in {rec.component}: " + _suggest(path, index)
-        shape = index[path][0]
-        if rec.kind == "diff":
-            leaf, fields = layout.diff_leaf(rec, shape, where(path))
-        else:
-            effective = alpha if alpha is not None or rec.kind == "lokr" else float(rec.rank)
-            leaf, fields = _LEAF_BUILDERS[rec.kind](rec, shape, where(path), effective)
-        out.append(Placement(rec, path, leaf, fields))
+        placed = _leaf_at(rec, path, index[path][0], target, alpha)
+        if isinstance(placed, str):
+            return [], placed
+        out.append(placed)
     if "up_bias" in rec.tensors or "diff_b" in rec.tensors:
         role = "up_bias" if "up_bias" in rec.tensors else "diff_b"
-        path = module_path + ("bias",)
+        path = target.path + ("bias",)
         if path not in index:
             return [], (
                 f"{rec.sources[role]} is a bias delta but {rec.component} has no {'/'.join(path)} "
@@ -151,9 +150,99 @@ def _place(rec: Record, module: str, index: ShapeIndex, scheme: NamingScheme, al
         factor = 1.0
         if role == "up_bias" and rec.rank:
             factor = (alpha if alpha is not None else rec.rank) / rec.rank
-        leaf, fields = layout.bias_leaf(rec, index[path][0], where(path), factor)
-        out.append(Placement(rec, path, leaf, fields))
+        shape, cols = _part_shape(index[path][0], target, rec, role)
+        leaf, fields = layout.bias_leaf(rec, shape, f"{rec.component}:{'/'.join(path)}", factor)
+        out.append(Placement(rec, path, leaf, fields, target.layer, cols))
     return out, ""
+
+
+def _part_shape(shape, target: Target, rec: Record, role: str) -> tuple[tuple[int, ...], tuple]:
+    """The shape one torch module sees of a (stacked, fused) weight, and its output column map."""
+    shape = tuple(shape)
+    if target.layer is not None:
+        if len(shape) < 2 or target.layer >= shape[0]:
+            raise ShapeMismatchError(
+                f"{rec.sources.get(role, rec.keys[0])}: layer {target.layer} of {rec.module!r} does not exist in "
+                f"{'/'.join(target.path)} (stacked shape {shape})."
+            )
+        shape = shape[1:]
+    if not target.out_map:
+        return shape, ((0, shape[-1], 0),) if target.layer is not None else ()
+    if shape[-1] % target.units:
+        raise ShapeMismatchError(
+            f"{'/'.join(target.path)}: fused output axis {shape[-1]} does not split into {target.units} units."
+        )
+    unit = shape[-1] // target.units
+    cols, width = [], 0
+    for start, stop, dst in target.out_map:
+        cols.append((start * unit, stop * unit, dst * unit))
+        width = max(width, stop * unit)
+    return shape[:-1] + (width,), tuple(cols)
+
+
+def _leaf_at(rec: Record, path: Path, shape, target: Target, alpha: float | None) -> Placement | str:
+    where = f"{rec.component}:{'/'.join(path)}"
+    role = "down" if rec.kind == "lora" else next(iter(rec.sources))
+    part_shape, cols = _part_shape(shape, target, rec, role)
+    if rec.kind == "diff":
+        leaf, fields = layout.diff_leaf(rec, part_shape, where)
+    else:
+        effective = alpha if alpha is not None or rec.kind == "lokr" else float(rec.rank)
+        leaf, fields = _LEAF_BUILDERS[rec.kind](rec, part_shape, where, effective)
+    if not target.is_simple and leaf not in ("lora", "diff"):
+        raise UnsupportedFormatError(
+            f"{rec.keys[0]}: a {leaf} adapter on a stacked or fused weight ({where}) is not supported; "
+            "only LoRA and full diffs are."
+        )
+    return Placement(rec, path, leaf, fields, target.layer, cols)
+
+
+def merge_parts(parts: list[Placement], shape) -> Placement:
+    """One stacked/fused leaf from the pieces placed on the same weight.
+
+    LoRA pieces are concatenated along the rank axis with their `alpha / r` folded into
+    `b` (rank padded with zeros per layer, so a `(L, in, R)`, b `(L, R, out)`); diff
+    pieces are written into a zero delta of the weight's shape.
+    """
+    shape = tuple(shape)
+    kinds = {p.leaf for p in parts}
+    first = parts[0]
+    if len(kinds) > 1:
+        raise InvalidAdapterError(
+            f"{'/'.join(first.path)}: adapter kinds {sorted(kinds)} on one fused/stacked weight cannot be combined."
+        )
+    stacked = first.layer is not None
+    n_layers = shape[0] if stacked else 1
+    layer_of = (lambda p: p.layer) if stacked else (lambda p: 0)
+    if kinds == {"diff"}:
+        d = np.zeros(shape if stacked else (1,) + shape, np.float32)
+        for p in parts:
+            for s0, s1, d0 in p.cols:
+                d[layer_of(p), ..., d0 : d0 + s1 - s0] += np.asarray(p.fields["diff"], np.float32)[..., s0:s1] * float(p.fields["factor"])
+        return Placement(first.record, first.path, "diff", {"diff": d if stacked else d[0], "factor": 1.0})
+    ranks = [0] * n_layers
+    for p in parts:
+        ranks[layer_of(p)] += p.fields["a"].shape[-1]
+    R = max(ranks)
+    inner = shape[1:] if stacked else shape
+    a = np.zeros((n_layers,) + inner[:-1] + (R,), np.float32)
+    b = np.zeros((n_layers, R, inner[-1]), np.float32)
+    offset = [0] * n_layers
+    for p in parts:
+        l, pa, pb = layer_of(p), np.asarray(p.fields["a"], np.float32), np.asarray(p.fields["b"], np.float32)
+        r = pa.shape[-1]
+        o = offset[l]
+        a[l, ..., o : o + r] = pa
+        for s0, s1, d0 in p.cols:
+            b[l, o : o + r, d0 : d0 + s1 - s0] = pb[:, s0:s1] * (float(p.fields["alpha"]) / r)
+        offset[l] += r
+    dtype = np.result_type(*[p.fields["a"].dtype for p in parts])
+    fields = {
+        "a": (a if stacked else a[0]).astype(dtype),
+        "b": (b if stacked else b[0]).astype(dtype),
+        "alpha": np.full((n_layers,), float(R), np.float32) if stacked else float(R),
+    }
+    return Placement(first.record, first.path, "lora", fields)
 
 
 def _suggest(path: Path, index: ShapeIndex) -> str:
@@ -233,7 +322,7 @@ def convert(
             report.unplaced.update({k: why for k in rec.keys})
             continue
         for p in placed:
-            slot = (rec.component, p.path)
+            slot = (rec.component, p.path, p.layer, tuple(d0 for _, _, d0 in p.cols))
             if slot in seen:
                 raise InvalidAdapterError(
                     f"{origin}: {seen[slot]!r} and {', '.join(rec.keys)!r} both target {rec.component}:{'/'.join(p.path)} "
@@ -241,9 +330,17 @@ def convert(
                 )
             seen[slot] = ", ".join(rec.keys)
             placements[rec.component].append(p)
-            report.placed.append(
-                PlacedModule(rec.component, module, "/".join(p.path), rec.keys, rec.rank, p.alpha, p.leaf)
-            )
+            where = "/".join(p.path) + (f"[{p.layer}]" if p.layer is not None else "")
+            if p.cols:
+                where += "[:, " + ", ".join(f"{d0}:{d0 + s1 - s0}" for s0, s1, d0 in p.cols) + "]"
+            report.placed.append(PlacedModule(rec.component, module, where, rec.keys, rec.rank, p.alpha, p.leaf))
+    for component, items in placements.items():
+        whole = [p for p in items if not p.is_part]
+        parts: dict[Path, list[Placement]] = {}
+        for p in items:
+            if p.is_part:
+                parts.setdefault(p.path, []).append(p)
+        placements[component] = whole + [merge_parts(ps, targets[component][path][0]) for path, ps in parts.items()]
     if not report.placed and not report.unplaced and report.skipped:
         found = sorted(set(report.skipped.values()))
         raise KeyMismatchError(

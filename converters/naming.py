@@ -16,11 +16,33 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from converters.errors import NamingSchemeError
 
 Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where one torch module's weight lives in a params tree.
+
+    Attributes:
+      path: path of the module (the weight is `path + (weight_name,)`).
+      layer: index on a leading stacked-layer axis (blocks run under `scan`), or None.
+      units: the weight's output axis is cut into this many equal units (fused kernels).
+      out_map: `(src_start, src_stop, dst_start)` in units: which output units of the torch
+        module go where in the fused kernel. Empty: the whole axis, unchanged.
+    """
+
+    path: Path
+    layer: int | None = None
+    units: int = 1
+    out_map: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def is_simple(self) -> bool:
+        return self.layer is None and not self.out_map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +62,14 @@ class NamingScheme:
     to_module: Callable[[Path], str]
     weight: str = "kernel"
     detect: Callable[[Iterable[Path]], bool] = lambda paths: False
+    to_target: Callable[[str], Target | None] | None = None
+    modules: Callable[[Mapping[Path, tuple]], list[str]] | None = None
+
+    def target(self, module: str) -> Target | None:
+        """The target of a torch module name (None when the scheme has no place for it)."""
+        if self.to_target is not None:
+            return self.to_target(module)
+        return Target(self.to_path(module))
 
 
 _SCHEMES: dict[str, NamingScheme] = {}
@@ -99,7 +129,8 @@ def get_scheme(scheme: str | NamingScheme) -> NamingScheme:
 def detect_scheme(paths: Iterable[Path]) -> NamingScheme:
     """Pick the scheme of a params tree from its key paths (registration order breaks ties)."""
     paths = list(paths)
-    for scheme in _SCHEMES.values():
+    ordered = sorted(_SCHEMES.values(), key=lambda s: s.to_target is None)  # table schemes are more specific
+    for scheme in ordered:
         if scheme.detect(paths):
             return scheme
     return _SCHEMES["torch_mirror"]
@@ -122,3 +153,62 @@ TORCH_MIRROR = register_naming_scheme(
         detect=_has_index_keys,
     )
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetRule:
+    """One row of a table scheme: a torch module name template -> a place in the params tree.
+
+    `module` may contain `{layer}` (a block index that becomes the stacked-layer index);
+    `path` is the `/`-joined module path in the params tree.
+    """
+
+    module: str
+    path: str
+    units: int = 1
+    out_map: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def regex(self) -> re.Pattern:
+        return re.compile(re.escape(self.module).replace(re.escape("{layer}"), r"(?P<layer>\d+)"))
+
+
+def table_scheme(name: str, rules: Iterable[TargetRule], detect: Callable[[Iterable[Path]], bool], weight: str = "kernel") -> NamingScheme:
+    """A naming scheme given as a table of `TargetRule`s (stacked layers, fused kernels, renames)."""
+    rules = tuple(rules)
+    compiled = [(rule, rule.regex) for rule in rules]
+
+    def to_target(module: str) -> Target | None:
+        for rule, regex in compiled:
+            m = regex.fullmatch(module)
+            if m:
+                layer = int(m["layer"]) if "layer" in m.groupdict() else None
+                return Target(tuple(rule.path.split("/")), layer, rule.units, rule.out_map)
+        return None
+
+    def to_path(module: str) -> Path:
+        target = to_target(module)
+        if target is None:
+            raise NamingSchemeError(f"scheme {name!r} has no place for module {module!r}.")
+        return target.path
+
+    def to_module(path: Path) -> str:
+        raise NamingSchemeError(
+            f"scheme {name!r} maps several torch modules onto stacked/fused weights; "
+            f"it cannot name {'/'.join(path)} as one torch module."
+        )
+
+    def modules(index: Mapping[Path, tuple]) -> list[str]:
+        out = []
+        for rule in rules:
+            entry = index.get(tuple(rule.path.split("/")) + (weight,))
+            if entry is None:
+                continue
+            if "{layer}" in rule.module:
+                out += [rule.module.format(layer=i) for i in range(entry[0][0])]
+            else:
+                out.append(rule.module)
+        return out
+
+    return NamingScheme(name=name, to_path=to_path, to_module=to_module, weight=weight, detect=detect,
+                        to_target=to_target, modules=modules)

@@ -86,12 +86,21 @@ class Placement:
       path: path of the weight in the params tree.
       leaf: leaf type name (`lora`, `loha`, `lokr`, `diff`, `dora`).
       fields: the leaf's fields: numpy arrays in Flax layout, floats, and static flags.
+      layer: for a piece of a stacked weight, its index on the layer axis.
+      cols: for a piece of a fused weight, `(src_start, src_stop, dst_start)` output columns.
     """
 
     record: Record
     path: tuple[str, ...]
     leaf: str
     fields: Mapping[str, Any]
+    layer: int | None = None
+    cols: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def is_part(self) -> bool:
+        """True for a piece of a stacked or fused weight (merged with its siblings before use)."""
+        return self.layer is not None or bool(self.cols)
 
     @property
     def alpha(self) -> float | None:

@@ -22,7 +22,16 @@ def _f32(x) -> jax.Array:
 
 
 def _low_rank(a, b) -> jax.Array:
+    """`a @ b` over the rank axis; a 3-D `b` (layers, r, out) means factors stacked on a layer axis."""
+    if jnp.ndim(b) == 3:
+        return jnp.einsum("l...r,lro->l...o", _f32(a), _f32(b), precision=_HI)
     return jnp.tensordot(_f32(a), _f32(b), axes=1, precision=_HI)
+
+
+def _per_layer(x, ndim: int) -> jax.Array:
+    """A scalar, or a per-layer vector broadcast against a stacked delta of `ndim` axes."""
+    x = _f32(x)
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
 class AdapterLeaf:
@@ -64,6 +73,10 @@ class LoraLeaf(AdapterLeaf):
       b: up factor `(r, out)`.
       alpha: scalar array; the scaling is `alpha / r` (alpha = r means 1).
 
+    Stacked layers (a kernel `(L, in, out)` run under `scan`): `a` is `(L, in, r)`,
+    `b` is `(L, r, out)` and `alpha` is `(L,)`, so slicing every field on axis 0
+    gives the leaf of one layer.
+
     >>> leaf = LoraLeaf(jnp.ones((8, 4)), jnp.ones((4, 16)), jnp.float32(4.0))
     >>> leaf.delta().shape
     (8, 16)
@@ -84,9 +97,12 @@ class LoraLeaf(AdapterLeaf):
 
     def delta(self) -> jax.Array:
         """The float32 weight delta `(alpha / r) * a @ b`, shaped like the kernel."""
-        return _low_rank(self.a, self.b) * (_f32(self.alpha) / self.rank)
+        d = _low_rank(self.a, self.b)
+        return d * (_per_layer(self.alpha, d.ndim) / self.rank)
 
     def partition_specs(self, spec: tuple):
+        if jnp.ndim(self.b) == 3:  # stacked: layer axis first
+            return LoraLeaf(a=P(*spec[:-1], None), b=P(spec[0], None, spec[-1]), alpha=P(spec[0]))
         return LoraLeaf(a=P(*spec[:-1], None), b=P(None, spec[-1]), alpha=P())
 
 
