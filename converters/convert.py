@@ -259,7 +259,7 @@ def _resolve_module(fmt: engine.Format, rec: Record, table: Mapping[str, str | N
     module = rec.module
     if fmt.rename is not None:
         module = fmt.rename(rec.component, module, context)
-    if not fmt.underscored:
+    if fmt.underscored is not True and rec.component not in (fmt.underscored or ()):
         return module, ""
     resolved = table.get(module)
     if resolved is None:
@@ -296,6 +296,8 @@ def convert(
     metadata = peft.parse_metadata(header, origin)
     report = LoadReport(origin=origin, format=fmt.name, unmatched=list(unmatched), metadata=metadata)
     records = _assign_components(records, targets, default_component, origin)
+    if fmt.split is not None:
+        records = [piece for rec in records for piece in fmt.split(rec)]
 
     if schemes is None or isinstance(schemes, (str, NamingScheme)):
         schemes = {c: schemes for c in targets}

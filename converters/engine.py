@@ -44,7 +44,9 @@ class Format:
     """A LoRA file format: how to recognise it and how to read its keys.
 
     `underscored`: module names have dots replaced by underscores and are resolved
-    against the target's modules. `context(modules)` computes, once per component,
+    against the target's modules (True, or the set of components where they are).
+    `split(record)`: records in another model's naming -> records in diffusers' naming
+    (e.g. one fused qkv LoRA -> to_q, to_k, to_v with the up rows split). `context(modules)` computes, once per component,
     what `rename(component, module, context)` needs (e.g. the UNet's layers per block).
     """
 
@@ -53,7 +55,8 @@ class Format:
     detect: Callable[[frozenset[str]], bool]
     components: Mapping[str | None, str | None] = dataclasses.field(default_factory=dict)
     roles: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    underscored: bool = False
+    underscored: bool | frozenset[str] = False
+    split: Callable[[Record], list[Record]] | None = None
     context: Callable[[Mapping[str, str | None]], Mapping] | None = None
     rename: Callable[[str | None, str, Mapping], str] | None = None
     description: str = ""

@@ -2,4 +2,5 @@
 
 from converters.formats import diffusers_old  # noqa: F401
 from converters.formats import kohya  # noqa: F401
+from converters.formats import kohya_flux  # noqa: F401
 from converters.formats import peft  # noqa: F401

@@ -125,6 +125,8 @@ def _rename(component: str | None, module: str, context: Mapping) -> str:
 
 
 def _detect(keys: frozenset[str]) -> bool:
+    if any("double_blocks" in k or "single_blocks" in k for k in keys):
+        return False  # Flux in BFL names: converters.formats.kohya_flux
     return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys)
 
 
