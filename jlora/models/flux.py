@@ -79,6 +79,14 @@ class FluxConfig:
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
 
+    def __post_init__(self):
+        axes = tuple(int(d) for d in self.axes_dims_rope)
+        object.__setattr__(self, "axes_dims_rope", axes)
+        if sum(axes) != self.attention_head_dim or any(d % 2 for d in axes):
+            raise FluxInputError(
+                f"axes_dims_rope {axes} must be even and sum to attention_head_dim ({self.attention_head_dim})."
+            )
+
     @classmethod
     def of(cls, config: FluxConfig | Mapping[str, Any]) -> FluxConfig:
         """A `FluxConfig` from itself or a diffusers config dict (`_`-prefixed entries ignored)."""
@@ -87,17 +95,10 @@ class FluxConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in config if not k.startswith("_") and k not in fields)
         if unknown:
-            raise FluxInputError(f"config keys {unknown} are not FluxTransformer2DModel fields; known: {sorted(fields)}.")
-        kwargs = {k: v for k, v in config.items() if k in fields}
-        if "axes_dims_rope" in kwargs:
-            kwargs["axes_dims_rope"] = tuple(int(d) for d in kwargs["axes_dims_rope"])
-        cfg = cls(**kwargs)
-        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim or any(d % 2 for d in cfg.axes_dims_rope):
             raise FluxInputError(
-                f"axes_dims_rope {cfg.axes_dims_rope} must be even and sum to attention_head_dim "
-                f"({cfg.attention_head_dim})."
+                f"config keys {unknown} are not FluxTransformer2DModel fields; known: {sorted(fields)}."
             )
-        return cfg
+        return cls(**{k: v for k, v in config.items() if k in fields})
 
     @property
     def dim(self) -> int:
@@ -129,15 +130,20 @@ def _modulate(x, shift, scale):
 def _timestep_embedding(t):
     """diffusers `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`: [cos, sin]."""
     half = _TIME_CHANNELS // 2
-    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    exponent = np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
 def _rope(ids, axes_dims):
     """cos and sin `(S, head_dim // 2)` of the angles `pos_axis * theta ** (-2j / dim_axis)`, axes concatenated."""
+    if ids.ndim != 2 or ids.shape[-1] != len(axes_dims):
+        raise FluxInputError(
+            f"position ids must be (S, {len(axes_dims)}), one column per axes_dims_rope entry; got {ids.shape}."
+        )
     pos = ids.astype(jnp.float32)
-    freqs = [_ROPE_THETA ** (-np.arange(0, d, 2, dtype=np.float64) / d) for d in axes_dims]
+    freqs = [1.0 / _ROPE_THETA ** (np.arange(0, d, 2, dtype=np.float64) / d) for d in axes_dims]
     angles = jnp.concatenate(
         [pos[:, i, None] * jnp.asarray(f, jnp.float32)[None] for i, f in enumerate(freqs)], axis=-1
     )
@@ -282,6 +288,18 @@ def _stack(block, length):
     )
 
 
+class _FinalLayer(nn.Module):
+    dim: int
+    out_dim: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, vec):
+        mod = nn.Dense(2 * self.dim, dtype=self.dtype, name="adaLN_modulation_1")(nn.silu(vec))
+        shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
+        return nn.Dense(self.out_dim, dtype=self.dtype, name="linear")(_modulate(x, shift, scale))
+
+
 class FluxTransformer(nn.Module):
     """diffusers' `FluxTransformer2DModel` forward over the BFL-layout params (see the module docstring)."""
 
@@ -289,7 +307,8 @@ class FluxTransformer(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
+    def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                 guidance=None):
         cfg, dense = self.config, functools.partial(nn.Dense, dtype=self.dtype)
         img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
@@ -314,18 +333,6 @@ class FluxTransformer(nn.Module):
 
         final = _FinalLayer(cfg.dim, cfg.out_dim, self.dtype, name="final_layer")
         return final(img, vec)
-
-
-class _FinalLayer(nn.Module):
-    dim: int
-    out_dim: int
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x, vec):
-        mod = nn.Dense(2 * self.dim, dtype=self.dtype, name="adaLN_modulation_1")(nn.silu(vec))
-        shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
-        return nn.Dense(self.out_dim, dtype=self.dtype, name="linear")(_modulate(x, shift, scale))
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -363,8 +370,12 @@ def init_params(config: FluxConfig | Mapping[str, Any], key, dtype=jnp.float32) 
     ids = jnp.zeros((1, 3), dtype)
     t = jnp.zeros((1,), dtype)
     g = t if cfg.guidance_embeds else None
-    params = FluxTransformer(cfg).init(key, x, txt, pooled, t, ids, ids, g)["params"]
-    return jax.tree.map(lambda p: p.astype(dtype), _plain(params))
+
+    def init(key):
+        params = FluxTransformer(cfg).init(key, x, txt, pooled, t, ids, ids, g)["params"]
+        return jax.tree.map(lambda p: p.astype(dtype), _plain(params))
+
+    return jax.jit(init)(key)
 
 
 def param_shapes(config: FluxConfig | Mapping[str, Any], dtype=jnp.float32) -> dict:
@@ -407,7 +418,8 @@ def _rules(cfg: FluxConfig) -> list[_Rule]:
         ]
     double = "transformer_blocks"
     streams = (
-        ("img", "norm1", ("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.norm_q", "attn.norm_k"), "attn.to_out.0", "ff"),
+        ("img", "norm1", ("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.norm_q", "attn.norm_k"), "attn.to_out.0",
+         "ff"),
         ("txt", "norm1_context", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
          ("attn.norm_added_q", "attn.norm_added_k"), "attn.to_add_out", "ff_context"),
     )
@@ -424,7 +436,8 @@ def _rules(cfg: FluxConfig) -> list[_Rule]:
     single = "single_transformer_blocks"
     rules += [
         _Rule(("single_blocks", "modulation", "lin"), (("norm.linear", 3 * d),), single),
-        _Rule(("single_blocks", "linear1"), (("attn.to_q", d), ("attn.to_k", d), ("attn.to_v", d), ("proj_mlp", m)), single),
+        _Rule(("single_blocks", "linear1"), (("attn.to_q", d), ("attn.to_k", d), ("attn.to_v", d), ("proj_mlp", m)),
+              single),
         _Rule(("single_blocks", "linear2"), (("proj_out", d),), single),
         _Rule(("single_blocks", "norm", "query_norm"), (("attn.norm_q", hd),), single, norm=True),
         _Rule(("single_blocks", "norm", "key_norm"), (("attn.norm_k", hd),), single, norm=True),
@@ -444,6 +457,10 @@ def _leaves(rule: _Rule) -> tuple[str, ...]:
     return ("scale",) if rule.norm else ("kernel", "bias")
 
 
+def _torch_name(leaf: str) -> str:
+    return "bias" if leaf == "bias" else "weight"
+
+
 def _swap(x):
     half = x.shape[-1] // 2
     return np.concatenate([x[..., half:], x[..., :half]], axis=-1)
@@ -461,12 +478,6 @@ def _get(tree, path):
     return tree
 
 
-def _set(tree, path, value):
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
 def from_diffusers(state_dict: Mapping[str, Any], config: FluxConfig | Mapping[str, Any], *, dtype=jnp.float32,
                    strict: bool = True) -> tuple[Callable, dict]:
     """`(apply_fn, params)` from a diffusers `FluxTransformer2DModel.state_dict()` and its config.
@@ -478,56 +489,58 @@ def from_diffusers(state_dict: Mapping[str, Any], config: FluxConfig | Mapping[s
     >>> apply_fn, params = flux.from_diffusers(model.state_dict(), model.config)
     """
     cfg = FluxConfig.of(config)
-    shapes = param_shapes(cfg, dtype)
-    rules = _rules(cfg)
-    expected = {f"{pre}{src}.{w}" for r in rules for pre in _layers(cfg, r) for src, _ in r.sources
-                for w in (("weight",) if r.norm else ("weight", "bias"))}
+    shapes, rules = param_shapes(cfg, dtype), _rules(cfg)
+    expected = {f"{pre}{src}.{_torch_name(leaf)}" for r in rules for leaf in _leaves(r)
+                for pre in _layers(cfg, r) for src, _ in r.sources}
     missing = sorted(expected - set(state_dict))
     if missing:
         raise KeyMismatchError(f"the Flux state dict lacks {len(missing)} keys, e.g. {missing[:5]}; "
-                               "is the config (num_layers, guidance_embeds) the checkpoint's?")
+                               "are config's num_layers, num_single_layers and guidance_embeds the checkpoint's?")
     unused = sorted(set(state_dict) - expected)
     if strict and unused:
         raise KeyMismatchError(f"{len(unused)} state-dict keys are not FluxTransformer2DModel weights, e.g. "
                                f"{unused[:5]}; pass strict=False to ignore them.")
     params: dict = {}
     for rule in rules:
-        kernel_shape = _get(shapes, rule.path + _leaves(rule)[0]).shape
-        in_dim = None if rule.norm else kernel_shape[-2]
-        per_layer = {leaf: [] for leaf in _leaves(rule)}
-        for pre in _layers(cfg, rule):
-            cols = {leaf: [] for leaf in per_layer}
-            for src, size in rule.sources:
-                for leaf, w, want in (("scale", "weight", (size,)),) if rule.norm else (
-                        ("kernel", "weight", (size, in_dim)), ("bias", "bias", (size,))):
-                    key = f"{pre}{src}.{w}"
+        target = _get(shapes, rule.path)
+        for leaf in _leaves(rule):
+            layers = []
+            for pre in _layers(cfg, rule):
+                parts = []
+                for src, size in rule.sources:
+                    key = f"{pre}{src}.{_torch_name(leaf)}"
+                    want = (size, target["kernel"].shape[-2]) if leaf == "kernel" else (size,)
                     a = _to_numpy(state_dict[key])
                     if a.shape != want:
                         raise ShapeMismatchError(f"{key} has shape {a.shape}, expected {want} for "
-                                                 f"{'/'.join(rule.path + (leaf,))} under config {cfg}.")
-                    cols[leaf].append(a.T if leaf == "kernel" else a)
-            for leaf, parts in cols.items():
+                                                 f"{'/'.join(rule.path + (leaf,))} under {cfg}.")
+                    parts.append(a.T if leaf == "kernel" else a)
                 x = np.concatenate(parts, axis=-1)
-                per_layer[leaf].append(_swap(x) if rule.swap else x)
-        for leaf, xs in per_layer.items():
-            _set(params, rule.path + (leaf,), jnp.asarray(np.stack(xs) if rule.stack else xs[0], dtype))
+                layers.append(_swap(x) if rule.swap else x)
+            node = params
+            for p in rule.path:
+                node = node.setdefault(p, {})
+            node[leaf] = jnp.asarray(np.stack(layers) if rule.stack else layers[0], dtype)
     return make_apply(cfg), params
 
 
 def to_diffusers_state_dict(params: PyTree, config: FluxConfig | Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The inverse of `from_diffusers`: diffusers `FluxTransformer2DModel` keys, torch layout, numpy arrays."""
+    """The inverse of `from_diffusers`: diffusers `FluxTransformer2DModel` keys, torch layout, numpy arrays.
+
+    >>> sd = flux.to_diffusers_state_dict(params, config)
+    >>> torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    """
     cfg = FluxConfig.of(config)
     out: dict[str, np.ndarray] = {}
     for rule in _rules(cfg):
+        bounds = np.cumsum([size for _, size in rule.sources])[:-1]
         for leaf in _leaves(rule):
-            stacked = np.asarray(_get(params, rule.path + (leaf,)))
+            value = np.asarray(_get(params, rule.path + (leaf,)))
             for i, pre in enumerate(_layers(cfg, rule)):
-                x = stacked[i] if rule.stack else stacked
+                x = value[i] if rule.stack else value
                 x = _swap(x) if rule.swap else x
-                bounds = np.cumsum([size for _, size in rule.sources])[:-1]
                 for (src, _), part in zip(rule.sources, np.split(x, bounds, axis=-1)):
-                    name = "weight" if leaf != "bias" else "bias"
-                    out[f"{pre}{src}.{name}"] = np.ascontiguousarray(part.T if leaf == "kernel" else part)
+                    out[f"{pre}{src}.{_torch_name(leaf)}"] = np.ascontiguousarray(part.T if leaf == "kernel" else part)
     return out
 
 
