@@ -102,11 +102,12 @@ def _assign_components(records: list[Record], targets: Mapping[str, ShapeIndex],
 
 def module_table(index: ShapeIndex, scheme: NamingScheme) -> dict[str, str | None]:
     """`{module name with dots as underscores: module name}` of every module in a params tree (None: ambiguous)."""
+    if scheme.modules is not None:
+        names = scheme.modules(index)
+    else:
+        names = [scheme.to_module(path[:-1]) for path in index if len(path) >= 2]
     table: dict[str, str | None] = {}
-    for path in index:
-        if len(path) < 2:
-            continue
-        module = scheme.to_module(path[:-1])
+    for module in names:
         key = module.replace(".", "_")
         table[key] = module if table.get(key, module) == module else None
     return table
