@@ -17,6 +17,7 @@ import numpy as np
 
 import converters.formats  # noqa: F401  (registers the formats)
 import converters.schemes  # noqa: F401  (registers the table naming schemes)
+import converters.schemes_jax  # noqa: F401  (third-party JAX codebases' schemes)
 from converters import engine, layout
 from converters.formats import peft
 from converters.naming import NamingScheme, Path, Target, detect_scheme, get_scheme

@@ -18,8 +18,16 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family("sd", ("unet", "text_encoder")),
         Family("sdxl", ("unet", "text_encoder", "text_encoder_2")),
-        Family("flux", ("transformer", "text_encoder")),
-        Family("sd3", ("transformer", "text_encoder", "text_encoder_2")),
+        Family("flux", ("transformer", "text_encoder", "text_encoder_2")),
+        Family("sd3", ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")),
+        Family("wan", ("transformer", "transformer_2", "text_encoder")),
+        Family("hunyuan_video", ("transformer", "text_encoder", "text_encoder_2")),
+        Family("ltx_video", ("transformer", "text_encoder")),
+        Family("lumina2", ("transformer", "text_encoder")),
+        Family("hidream", ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")),
+        Family("qwen_image", ("transformer", "text_encoder")),
+        Family("cogvideox", ("transformer", "text_encoder")),
+        Family("mochi", ("transformer", "text_encoder")),
     )
 }
 

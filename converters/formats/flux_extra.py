@@ -1,0 +1,1 @@
+"""More Flux LoRA layouts (filled in by the formats that need them)."""

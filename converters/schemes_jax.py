@@ -1,0 +1,1 @@
+"""Naming schemes of third-party JAX diffusion codebases (filled in per codebase)."""
