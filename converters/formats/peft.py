@@ -16,7 +16,7 @@ from converters.engine import Format, Rule, register_format
 from converters.records import Record
 from converters.errors import CorruptFileError, InvalidAdapterError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer", "prior")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "transformer_2", "prior")
 METADATA_KEY = "lora_adapter_metadata"
 
 _PREFIX = r"(?:(?P<component>" + "|".join(COMPONENTS) + r")\.)?(?:base_model\.model\.)?"
