@@ -20,6 +20,7 @@ import converters.schemes  # noqa: F401  (registers the table naming schemes)
 import converters.schemes_jax  # noqa: F401  (third-party JAX codebases' schemes)
 from converters import engine, layout
 from converters.formats import peft
+from converters.guess import guess_family
 from converters.naming import NamingScheme, Path, Target, detect_scheme, get_scheme
 from converters.records import Placement, Record
 from converters.errors import InvalidAdapterError, KeyMismatchError, ShapeMismatchError, UnsupportedFormatError
@@ -351,11 +352,18 @@ def convert(
             f"{origin}: the LoRA is for components {found} but params were given for {sorted(targets)}; "
             f"pass those components' params (e.g. component={found[0]!r})."
         )
-    _check_leftovers(report, strict)
+    _check_leftovers(report, strict, records, targets)
     return placements, report
 
 
-def _check_leftovers(report: LoadReport, strict: bool) -> None:
+def _looks_like(records: list[Record], targets: Mapping[str, ShapeIndex], report: LoadReport) -> str:
+    family = guess_family(records)
+    components = sorted({r.component for r in records if r.component})
+    what = f"the file looks like a {family} LoRA" if family else "the file's family is unclear"
+    return f"{what} (format {report.format}, components {components}; params given for {sorted(targets)})"
+
+
+def _check_leftovers(report: LoadReport, strict: bool, records=(), targets=None) -> None:
     problems = [f"{k} (no rule of format {report.format} reads it)" for k in report.unmatched]
     problems += [f"{k} ({why})" for k, why in report.unplaced.items()]
     if not problems:
@@ -364,7 +372,7 @@ def _check_leftovers(report: LoadReport, strict: bool) -> None:
     if strict:
         raise KeyMismatchError(
             f"{report.origin}: {len(problems)} keys cannot be loaded:\n  {listing}\n"
-            "Check that the LoRA matches this model and family; pass strict=False to load the rest "
-            "(the keys are then listed in the report)."
+            f"{_looks_like(list(records), targets or {}, report)}. Check that the LoRA matches this model "
+            "and family; pass strict=False to load the rest (the keys are then listed in the report)."
         )
     warnings.warn(f"{report.origin}: {len(problems)} keys not loaded (strict=False):\n  {listing}", stacklevel=3)

@@ -16,18 +16,12 @@ import numpy as np
 from converters import architectures, engine, read_state_dict
 from converters.errors import JloraError
 from converters.formats.peft import parse_metadata
-
-_CROSS_DIMS = {768: "sd", 1024: "sd2", 2048: "sdxl"}
-
+from converters.guess import guess_family as _guess
 
 def guess_family(records) -> str:
-    """`sd`, `sd2` or `sdxl` from a file's records (cross-attention width, second text encoder)."""
-    for rec in records:
-        if rec.component == "unet" and rec.module.replace("_", ".").endswith("attn2.to.k") and "down" in rec.tensors:
-            found = _CROSS_DIMS.get(int(rec.tensors["down"].shape[1]))
-            if found:
-                return found
-    return "sdxl" if any(r.component == "text_encoder_2" for r in records) else "sd"
+    """`sd`, `sd2` or `sdxl` (the families with standard shape indexes) from a file's records."""
+    found = _guess(records)
+    return found if found in architectures.FAMILY_MODELS else "sd"
 
 
 def _load_against_family(path, family, tensors, header, *, strict, allow_pickle, indexes=None):

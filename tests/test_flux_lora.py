@@ -187,3 +187,18 @@ def test_lora_inside_scan_equals_unrolled(base, tmp_path):
     unrolled = jlora.apply(params, adapter, 0.7)["double_blocks"]
     for x, y in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+
+
+def test_wrong_model_error_names_the_family(base, tmp_path):
+    """A Flux LoRA on an SD UNet, and an SD LoRA on the Flux tree: the error says what the file looks like."""
+    import reference as R
+
+    _, _, params = base
+    flux_file = _peft_file(base[0], tmp_path / "f")
+    with pytest.raises(jlora.errors.KeyMismatchError, match="looks like a flux LoRA"):
+        jlora.load_lora_weights(flux_file, {"transformer": R.build_sd15_unet().flax_params})
+    unet = R.build_sd15_unet()
+    sd_file = R.make_peft_lora_file(tmp_path / "s", [unet], pipeline="sd")
+    with pytest.raises(jlora.errors.KeyMismatchError, match="looks like a sd LoRA") as e:
+        jlora.load_lora(sd_file, params, "unet")
+    assert "down_blocks.0.attentions.0.proj_in.lora_A.weight" in str(e.value)

@@ -1,0 +1,34 @@
+"""Which model family a LoRA file is for, from its records (for messages and `jlora inspect`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from converters.records import Record
+
+_CROSS_DIMS = {768: "sd", 1024: "sd2", 2048: "sdxl"}
+# (family, pattern over "component:module" names); the first family with a hit wins.
+_MARKERS = (
+    ("flux", re.compile(r"transformer:(single_transformer_blocks\.\d+\.|.*single_blocks[._]\d+)")),
+    ("sd3", re.compile(r"transformer:transformer_blocks\.\d+\.attn\.add_q_proj")),
+    ("wan", re.compile(r"transformer:blocks\.\d+\.(attn1|attn2|ffn)\.")),
+    ("sdxl", re.compile(r"text_encoder_2:|unet:.*(add_embedding|input_blocks[._][78])")),
+    ("sd", re.compile(r"unet:")),
+)
+
+
+def guess_family(records: Iterable[Record]) -> str | None:
+    """`sd`, `sd2`, `sdxl`, `flux`, `sd3`, `wan` (or None) from the module names and shapes of records."""
+    records = list(records)
+    for rec in records:
+        name = rec.module.replace("_", ".")
+        if rec.component == "unet" and name.endswith("attn2.to.k") and "down" in rec.tensors:
+            found = _CROSS_DIMS.get(int(rec.tensors["down"].shape[1]))
+            if found:
+                return found
+    names = [f"{r.component}:{r.module}" for r in records]
+    for family, pattern in _MARKERS:
+        if any(pattern.match(n) for n in names):
+            return family
+    return None
