@@ -28,7 +28,11 @@ def key_name(key) -> str:
 
 
 def path_of(keypath) -> tuple[str, ...]:
-    return tuple(key_name(k) for k in keypath)
+    """A jax key path as strings; the `.value` of an nnx Variable is not part of the name."""
+    keys = list(keypath)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return tuple(key_name(k) for k in keys)
 
 
 def shape_index(params: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
