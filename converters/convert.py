@@ -116,7 +116,7 @@ def module_table(index: ShapeIndex, scheme: NamingScheme) -> dict[str, str | Non
 
 
 def _weight_path(rec: Record, module_path: Path, scheme: NamingScheme) -> Path:
-    if rec.kind == "diff" and rec.tensors["diff"].ndim == 1:
+    if rec.kind in ("diff", "set") and rec.tensors[rec.kind].ndim == 1:
         return module_path + ("scale",)
     return module_path + (scheme.weight,)
 
@@ -189,10 +189,12 @@ def _leaf_at(rec: Record, path: Path, shape, target: Target, alpha: float | None
     part_shape, cols = _part_shape(shape, target, rec, role)
     if rec.kind == "diff":
         leaf, fields = layout.diff_leaf(rec, part_shape, where)
+    elif rec.kind == "set":
+        leaf, fields = layout.set_leaf(rec, part_shape, where)
     else:
         effective = alpha if alpha is not None or rec.kind == "lokr" else float(rec.rank)
         leaf, fields = _LEAF_BUILDERS[rec.kind](rec, part_shape, where, effective)
-    if not target.is_simple and leaf not in ("lora", "diff"):
+    if not target.is_simple and leaf not in ("lora", "diff", "set"):
         raise UnsupportedFormatError(
             f"{rec.keys[0]}: a {leaf} adapter on a stacked or fused weight ({where}) is not supported; "
             "only LoRA and full diffs are."
@@ -217,6 +219,17 @@ def merge_parts(parts: list[Placement], shape) -> Placement:
     stacked = first.layer is not None
     n_layers = shape[0] if stacked else 1
     layer_of = (lambda p: p.layer) if stacked else (lambda p: 0)
+    if kinds == {"set"}:
+        value = np.zeros(shape if stacked else (1,) + shape, np.float32)
+        mask = np.zeros(value.shape, bool)
+        for p in parts:
+            cols = p.cols or ((0, shape[-1], 0),)
+            for s0, s1, d0 in cols:
+                value[layer_of(p), ..., d0 : d0 + s1 - s0] = np.asarray(p.fields["value"], np.float32)[..., s0:s1]
+                mask[layer_of(p), ..., d0 : d0 + s1 - s0] = True
+        if not stacked:
+            value, mask = value[0], mask[0]
+        return Placement(first.record, first.path, "set", {"value": value, "mask": mask})
     if kinds == {"diff"}:
         d = np.zeros(shape if stacked else (1,) + shape, np.float32)
         for p in parts:

@@ -181,7 +181,7 @@ _NDIMS = {
     "down": (2, 4), "up": (2, 4), "mid": (4,), "magnitude": (1, 2, 4), "dora_scale": (1, 2, 4),
     "w1a": (2,), "w1b": (2,), "w2a": (2,), "w2b": (2,), "t1": (4,), "t2": (4,),
     "lokr_w1": (2,), "lokr_w1a": (2,), "lokr_w1b": (2,), "lokr_w2": (2, 4), "lokr_w2a": (2,), "lokr_w2b": (2, 4),
-    "lokr_t2": (4,), "diff": (1, 2, 4), "diff_b": (1,), "up_bias": (1,),
+    "lokr_t2": (4,), "diff": (1, 2, 4), "set": (1, 2, 4), "diff_b": (1,), "up_bias": (1,),
 }
 
 

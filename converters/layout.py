@@ -143,6 +143,13 @@ def diff_leaf(rec: Record, kernel_shape, path: str) -> tuple[str, dict]:
     return "diff", {"diff": d, "factor": 1.0}
 
 
+def set_leaf(rec: Record, weight_shape, path: str) -> tuple[str, dict]:
+    v = weight_to_flax(rec.tensors["set"], tuple(weight_shape))
+    if v.shape != tuple(weight_shape):
+        raise _fail(rec, path, weight_shape, v.shape, "set")
+    return "set", {"value": v, "mask": np.ones((1,) * v.ndim, bool)}
+
+
 def bias_leaf(rec: Record, bias_shape, path: str, factor: float) -> tuple[str, dict]:
     role = "up_bias" if "up_bias" in rec.tensors else "diff_b"
     d = rec.tensors[role]

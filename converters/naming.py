@@ -201,7 +201,8 @@ def table_scheme(name: str, rules: Iterable[TargetRule], detect: Callable[[Itera
     def modules(index: Mapping[Path, tuple]) -> list[str]:
         out = []
         for rule in rules:
-            entry = index.get(tuple(rule.path.split("/")) + (weight,))
+            base = tuple(rule.path.split("/"))
+            entry = index.get(base + (weight,)) or index.get(base + ("scale",))
             if entry is None:
                 continue
             if "{layer}" in rule.module:

@@ -33,6 +33,7 @@ ROLE_KINDS: dict[str, str | None] = {
     "lokr_w2b": "lokr",
     "lokr_t2": "lokr",
     "diff": "diff",
+    "set": "set",
     "up_bias": None,
     "diff_b": None,
     "alpha": None,

@@ -17,6 +17,7 @@ from jlora.leaf import DoraLeaf
 from jlora.leaf import LohaLeaf
 from jlora.leaf import LokrLeaf
 from jlora.leaf import LoraLeaf
+from jlora.leaf import SetLeaf
 from jlora.leaf import SumLeaf
 from jlora.leaf import is_adapter_leaf
 from jlora.loading import abstract_params
@@ -38,6 +39,7 @@ __all__ = [
     "LohaLeaf",
     "LokrLeaf",
     "LoraLeaf",
+    "SetLeaf",
     "SumLeaf",
     "abstract_params",
     "adapter_shardings",

@@ -102,13 +102,13 @@ def unfuse(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
     """Undo `fuse(params, adapter, scale)` (subtracts the same delta, in float32).
 
     Raises:
-      InvalidAdapterError: the adapter has leaves whose merge is not additive (DoRA).
+      InvalidAdapterError: the adapter has leaves whose merge is not additive (DoRA, set weights).
     """
     leaves = jax.tree.leaves(adapter, is_leaf=is_adapter_leaf)
     if any(leaf is not None and not leaf.invertible for leaf in leaves):
         raise InvalidAdapterError(
-            "unfuse: this adapter has DoRA leaves, whose fusing rescales weights and cannot be subtracted; "
-            "keep the params from before fuse() instead."
+            "unfuse: this adapter has leaves whose fusing is not additive (DoRA rescales weights, set "
+            "weights replace them), so it cannot be subtracted; keep the params from before fuse() instead."
         )
     return _apply_jit(params, adapter, -jnp.asarray(scale, jnp.float32))
 

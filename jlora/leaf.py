@@ -188,6 +188,36 @@ class DiffLeaf(AdapterLeaf):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class SetLeaf(AdapterLeaf):
+    """A replacement weight (`.set_weight`, Flux Control norm scales): `W' = value` where `mask`.
+
+    The call scale does not apply (the file says what the weight is). `mask` broadcasts
+    against the weight; for a stacked weight it is `(L, 1, ...)`, true for the layers set.
+    """
+
+    value: jax.Array
+    mask: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def invertible(self) -> bool:
+        return False
+
+    def delta(self) -> jax.Array:
+        raise TypeError("a SetLeaf replaces its weight; it has no delta independent of the weight")
+
+    def merge(self, w: jax.Array, scale) -> jax.Array:
+        return jnp.where(jnp.asarray(self.mask, bool), _f32(self.value), _f32(w))
+
+    def partition_specs(self, spec: tuple):
+        return SetLeaf(value=P(*spec), mask=P(*(s if n > 1 else None for s, n in zip(spec, self.mask.shape))))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class DoraLeaf(AdapterLeaf):
     """DoRA: a LoRA whose merged weight is renormalised to a learned magnitude.
 

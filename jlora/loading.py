@@ -12,7 +12,7 @@ from converters import convert as _convert
 from converters import get_family, read_state_dict
 from converters.formats.peft import parse_metadata
 from jlora.errors import JloraError
-from jlora.leaf import DiffLeaf, DoraLeaf, LohaLeaf, LokrLeaf, LoraLeaf
+from jlora.leaf import DiffLeaf, DoraLeaf, LohaLeaf, LokrLeaf, LoraLeaf, SetLeaf
 
 PyTree = Any
 
@@ -82,7 +82,7 @@ def lora_state_dict(source, *, return_lora_metadata: bool = False, **file_kwargs
     return tensors
 
 
-LEAF_TYPES = {"lora": LoraLeaf, "loha": LohaLeaf, "lokr": LokrLeaf, "diff": DiffLeaf, "dora": DoraLeaf}
+LEAF_TYPES = {"lora": LoraLeaf, "loha": LohaLeaf, "lokr": LokrLeaf, "diff": DiffLeaf, "dora": DoraLeaf, "set": SetLeaf}
 
 
 def _host_field(value, dtype):

@@ -202,3 +202,30 @@ def test_wrong_model_error_names_the_family(base, tmp_path):
     with pytest.raises(jlora.errors.KeyMismatchError, match="looks like a sd LoRA") as e:
         jlora.load_lora(sd_file, params, "unet")
     assert "down_blocks.0.attentions.0.proj_in.lora_A.weight" in str(e.value)
+
+
+def test_set_weight_replaces_stacked_norm_scales_and_kernels(base, tmp_path):
+    """kohya `.set_weight` (the format's 'set replaces'): stacked RMSNorm scales of one layer and a
+    whole kernel are replaced at any call scale; other layers keep their weights."""
+    _, _, params = base
+    rng = np.random.default_rng(2)
+    q_scale = rng.standard_normal(16).astype(np.float32)
+    w = rng.standard_normal((32, 32)).astype(np.float32)  # torch layout (out, in)
+    sd = {
+        "lora_unet_double_blocks_1_img_attn_norm_query_norm.set_weight": q_scale,
+        "lora_unet_double_blocks_0_img_attn_proj.set_weight": w,
+    }
+    path = str(tmp_path / "set.safetensors")
+    save_file(sd, path)
+    adapter = jlora.load_lora_weights(path, {"transformer": params}, family="flux")["transformer"]
+    assert isinstance(adapter["double_blocks"]["img_attn"]["norm"]["query_norm"]["scale"], jlora.SetLeaf)
+    fused = jlora.fuse(params, adapter, 0.3)
+    got_q = np.asarray(fused["double_blocks"]["img_attn"]["norm"]["query_norm"]["scale"])
+    base_q = np.asarray(params["double_blocks"]["img_attn"]["norm"]["query_norm"]["scale"])
+    np.testing.assert_array_equal(got_q[1], q_scale)
+    np.testing.assert_array_equal(got_q[0], base_q[0])
+    got_p = np.asarray(fused["double_blocks"]["img_attn"]["proj"]["kernel"])
+    np.testing.assert_array_equal(got_p[0], w.T)
+    np.testing.assert_array_equal(got_p[1], np.asarray(params["double_blocks"]["img_attn"]["proj"]["kernel"])[1])
+    with pytest.raises(jlora.errors.InvalidAdapterError, match="cannot be subtracted|keep the params"):
+        jlora.unfuse(fused, adapter, 0.3)

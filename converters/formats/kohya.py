@@ -39,6 +39,7 @@ ROLES = {
     "lokr_t2": "lokr_t2",
     "diff": "diff",
     "diff_b": "diff_b",
+    "set_weight": "set",
 }
 
 _SUFFIX = "|".join(re.escape(s) for s in sorted(ROLES, key=len, reverse=True))
