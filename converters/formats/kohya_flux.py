@@ -106,7 +106,7 @@ def _split_checked(rec: Record) -> list[Record]:
 
 
 KOHYA_RULES = (
-    Rule(r"(?P<component>lora_unet|lora_te1|lora_te)_(?P<module>[A-Za-z0-9_]+?)\.(?P<role>"
+    Rule(r"(?P<component>lora_unet|lora_te1|lora_te3|lora_te)_(?P<module>[A-Za-z0-9_]+?)\.(?P<role>"
          + "|".join(re.escape(s) for s in sorted(ROLES, key=len, reverse=True)) + ")", "{role}"),
 )
 _COMFY_ROLES = dict(ROLES, **{"lora_A.weight": "down", "lora_B.weight": "up", "lora_B.bias": "up_bias"})
@@ -129,7 +129,8 @@ register_format(
         name="kohya_flux",
         rules=KOHYA_RULES,
         detect=lambda keys: _is_flux(keys) and any(k.startswith("lora_unet_") for k in keys),
-        components={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te": "text_encoder"},
+        components={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te": "text_encoder",
+                    "lora_te3": "text_encoder_2"},
         roles=ROLES,
         underscored=frozenset({"text_encoder"}),
         split=_split_checked,
