@@ -46,7 +46,9 @@ class Format:
     `underscored`: module names have dots replaced by underscores and are resolved
     against the target's modules (True, or the set of components where they are).
     `split(record)`: records in another model's naming -> records in diffusers' naming
-    (e.g. one fused qkv LoRA -> to_q, to_k, to_v with the up rows split). `context(modules)` computes, once per component,
+    (e.g. one fused qkv LoRA -> to_q, to_k, to_v with the up rows split).
+    `supersedes`: names of more generic formats whose detectors also accept this
+    format's files; when both detect a file, this one is taken. `context(modules)` computes, once per component,
     what `rename(component, module, context)` needs (e.g. the UNet's layers per block).
     """
 
@@ -57,6 +59,7 @@ class Format:
     roles: Mapping[str, str] = dataclasses.field(default_factory=dict)
     underscored: bool | frozenset[str] = False
     split: Callable[[Record], list[Record]] | None = None
+    supersedes: tuple[str, ...] = ()
     context: Callable[[Mapping[str, str | None]], Mapping] | None = None
     rename: Callable[[str | None, str, Mapping], str] | None = None
     description: str = ""
@@ -83,6 +86,13 @@ def formats() -> dict[str, Format]:
     return dict(_FORMATS)
 
 
+def matching_formats(keys: Iterable[str]) -> list[Format]:
+    """The registered formats that claim these keys, after `supersedes` is applied."""
+    keys = frozenset(keys)
+    hits = [f for f in _FORMATS.values() if f.detect(keys)]
+    return [f for f in hits if not any(f.name in g.supersedes for g in hits)]
+
+
 def detect_format(keys: Iterable[str], origin: str = "<state dict>") -> Format:
     """The one registered format whose detector accepts these keys.
 
@@ -90,7 +100,7 @@ def detect_format(keys: Iterable[str], origin: str = "<state dict>") -> Format:
       UnsupportedFormatError: no format or more than one format matches.
     """
     keys = frozenset(keys)
-    hits = [f for f in _FORMATS.values() if f.detect(keys)]
+    hits = matching_formats(keys)
     if len(hits) == 1:
         return hits[0]
     sample = sorted(keys)[:5]

@@ -10,6 +10,10 @@ from converters.records import Record
 _CROSS_DIMS = {768: "sd", 1024: "sd2", 2048: "sdxl"}
 # (family, pattern over "component:module" names); the first family with a hit wins.
 _MARKERS = (
+    ("hunyuan_video", re.compile(r"transformer:context_embedder\.token_refiner\.")),
+    ("hidream", re.compile(r"transformer:(double|single)_stream_blocks\.")),
+    ("qwen_image", re.compile(r"transformer:transformer_blocks\.\d+\.(img_mlp|txt_mlp|img_mod|txt_mod)\.")),
+    ("lumina2", re.compile(r"transformer:(layers|noise_refiner|context_refiner)\.\d+\.(feed_forward|attn)\.")),
     ("flux", re.compile(r"transformer:(single_transformer_blocks\.\d+\.|.*single_blocks[._]\d+)")),
     ("sd3", re.compile(r"transformer:transformer_blocks\.\d+\.attn\.add_q_proj")),
     ("wan", re.compile(r"transformer:blocks\.\d+\.(attn1|attn2|ffn)\.")),
@@ -19,7 +23,7 @@ _MARKERS = (
 
 
 def guess_family(records: Iterable[Record]) -> str | None:
-    """`sd`, `sd2`, `sdxl`, `flux`, `sd3`, `wan` (or None) from the module names and shapes of records."""
+    """The family (`sd`, `sd2`, `sdxl`, `flux`, `sd3`, `wan`, ...) or None, from records' module names and shapes."""
     records = list(records)
     for rec in records:
         name = rec.module.replace("_", ".")

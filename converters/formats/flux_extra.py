@@ -17,7 +17,7 @@ fal Kontext: PEFT suffixes on BFL names under `base_model.model.`:
 `final_layer.adaLN_modulation.1`, `img_in`, `time_in.in_layer`, ... split like kohya Flux files.
 
 These files also look like a generic PEFT, kohya or old-diffusers file to those formats'
-detectors; `defer` narrows such a detector so each file has exactly one format.
+detectors; each format here `supersedes` those, so a file has exactly one format.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from converters import engine
 from converters.engine import Format, Rule, register_format
-from converters.formats import diffusers_old, kohya, kohya_flux, peft  # noqa: F401  (registered before `defer`)
+from converters.formats import kohya_flux
 from converters.errors import InvalidAdapterError
 from converters.formats.kohya import ROLES
 from converters.records import Record
@@ -105,6 +104,7 @@ def _is_fal_kontext(keys: frozenset[str]) -> bool:
 ONETRAINER = register_format(
     Format(
         name="onetrainer_flux",
+        supersedes=("kohya",),  # its lora_te1_ keys look like kohya SD keys
         rules=ONETRAINER_RULES,
         detect=_is_onetrainer,
         components={"lora_transformer": "transformer", "lora_te": "text_encoder", "lora_te1": "text_encoder",
@@ -117,6 +117,7 @@ ONETRAINER = register_format(
 XLABS = register_format(
     Format(
         name="xlabs_flux",
+        supersedes=("comfy_flux", "diffusers_old"),  # diffusion_model. prefix, processor.qkv_lora.down
         rules=XLABS_RULES,
         detect=_is_xlabs,
         components={None: "transformer"},
@@ -127,6 +128,7 @@ XLABS = register_format(
 FAL_KONTEXT = register_format(
     Format(
         name="fal_kontext",
+        supersedes=("peft",),  # lora_A / lora_B suffixes
         rules=FAL_KONTEXT_RULES,
         detect=_is_fal_kontext,
         components={None: "transformer"},
@@ -135,23 +137,3 @@ FAL_KONTEXT = register_format(
         description="fal Kontext Flux (base_model.model. BFL names, lora_A / lora_B)",
     )
 )
-
-
-def defer(name: str, *to: Format) -> Format:
-    """Narrow registered format `name`'s detector so that it declines files one of `to` recognises.
-
-    >>> defer("peft", FAL_KONTEXT)  # base_model.model.double_blocks... is fal Kontext, not generic PEFT
-    """
-    fmt = engine.get_format(name)
-    wider = fmt.detect
-
-    def detect(keys: frozenset[str]) -> bool:
-        return wider(keys) and not any(other.detect(keys) for other in to)
-
-    return register_format(dataclasses.replace(fmt, detect=detect))
-
-
-defer("comfy_flux", XLABS)  # XLabs keys under diffusion_model.
-defer("peft", FAL_KONTEXT, engine.get_format("comfy_flux"))  # lora_A / lora_B under BFL names
-defer("kohya", ONETRAINER)  # OneTrainer's lora_te1_ keys
-defer("diffusers_old", XLABS)  # XLabs single-block processor.qkv_lora.down

@@ -140,6 +140,7 @@ register_format(
 register_format(
     Format(
         name="comfy_flux",
+        supersedes=("peft",),  # ComfyUI also saves lora_A / lora_B suffixes
         rules=COMFY_RULES,
         detect=lambda keys: _is_flux(keys) and any(k.startswith("diffusion_model.") for k in keys),
         components={"diffusion_model": "transformer", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
