@@ -41,9 +41,13 @@ def up_to_flax(up: np.ndarray) -> np.ndarray:
 def _fail(rec: Record, path: str, kernel_shape, got, role: str = "") -> ShapeMismatchError:
     shapes = ", ".join(f"{r} {tuple(t.shape)}" for r, t in sorted(rec.tensors.items()))
     key = rec.sources.get(role) or rec.keys[0]
+    hint = "The adapter was made for a different model or model size."
+    if rec.module == "x_embedder" and len(got) == 2 and got[0] > kernel_shape[0]:
+        hint = (f"A Flux Control LoRA widens the image input to {got[0]} channels: load it onto "
+                f"jlora.models.flux.expand_input_channels(params, {got[0]}).")
     return ShapeMismatchError(
         f"{key}: {rec.kind} tensors ({shapes}, torch layout) give a delta of shape {tuple(got)} but {path} has "
-        f"shape {tuple(kernel_shape)}. The adapter was made for a different model or model size."
+        f"shape {tuple(kernel_shape)}. {hint}"
     )
 
 

@@ -149,3 +149,30 @@ register_format(
         description="ComfyUI-saved Flux (diffusion_model. BFL names, text_encoders.clip_l)",
     )
 )
+
+# BFL's own LoRA files (Flux Control: Canny, Depth): BFL names, PEFT suffixes, q/k norm scales to set.
+_BFL_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_B.bias": "up_bias", "scale": "set"}
+_BFL_TOP = r"(?:double_blocks|single_blocks|final_layer|img_in|txt_in|time_in|vector_in|guidance_in)"
+BFL_RULES = (
+    Rule(r"(?P<module>" + _BFL_TOP + r"[A-Za-z0-9_.]*?)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_B\.bias)", "{role}"),
+    Rule(r"(?P<module>" + _BFL_TOP + r"[A-Za-z0-9_.]*?_norm)\.(?P<role>scale)", "{role}"),
+)
+
+
+def _is_bfl(keys) -> bool:
+    return any(k.startswith(("double_blocks.", "single_blocks.", "img_in.lora_")) and "processor" not in k
+               and (".lora_A." in k or k.endswith("_norm.scale")) for k in keys)
+
+
+register_format(
+    Format(
+        name="bfl_flux",
+        rules=BFL_RULES,
+        detect=_is_bfl,
+        components={None: "transformer"},
+        roles=_BFL_ROLES,
+        split=_split_checked,
+        supersedes=("peft",),
+        description="BFL Flux LoRAs incl. Control (img_in.lora_A, double_blocks..., norm scales, lora_B.bias)",
+    )
+)

@@ -28,6 +28,8 @@ RULES = (
     Rule(_PREFIX + r"(?P<module>.+?)\.lora_B" + _ADAPTER + r"\.bias", "up_bias"),
     Rule(_PREFIX + r"(?P<module>.+?)\.lora_magnitude_vector" + _ADAPTER + r"(?:\.weight)?", "magnitude"),
     Rule(_PREFIX + r"(?P<module>.+?)\.alpha", "alpha"),
+    # Flux Control LoRAs also replace the q/k RMSNorm weights
+    Rule(_PREFIX + r"(?P<module>.+?\.(?:norm_q|norm_k|norm_added_q|norm_added_k))\.weight", "set"),
 )
 
 

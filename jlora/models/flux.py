@@ -554,3 +554,23 @@ __all__ = [
     "param_shapes",
     "to_diffusers_state_dict",
 ]
+
+
+def expand_input_channels(params: dict, in_channels: int) -> dict:
+    """Params whose `img_in` takes `in_channels` features: the new input rows are zeros.
+
+    Flux Control LoRAs (Canny, Depth) widen the image input from 64 to 128 channels
+    (latents concatenated with the control latents); this is diffusers' expansion of
+    `x_embedder`. The result is a new tree: the original params are unchanged, so going
+    back (diffusers' `reset_to_overwritten_params`) is using them again.
+
+    >>> wide = flux.expand_input_channels(params, 128)
+    """
+    kernel = params["img_in"]["kernel"]
+    extra = in_channels - kernel.shape[0]
+    if extra < 0:
+        raise FluxInputError(f"img_in already has {kernel.shape[0]} input channels; cannot expand to {in_channels}.")
+    if extra == 0:
+        return params
+    wide = jnp.concatenate([kernel, jnp.zeros((extra, kernel.shape[1]), kernel.dtype)], axis=0)
+    return {**params, "img_in": {**params["img_in"], "kernel": wide}}
