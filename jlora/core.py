@@ -150,11 +150,19 @@ def combine(adapters: Mapping[str, PyTree] | Sequence[PyTree], weights=None) -> 
             raise InvalidAdapterError("combine: DoRA leaves rescale weights and cannot be summed with other adapters.")
         if not all(isinstance(l, LoraLeaf) for l, _ in present):
             return SumLeaf(parts=tuple(l for l, _ in present), weights=jnp.stack([jnp.asarray(w, jnp.float32) for _, w in present]))
-        a = jnp.concatenate(
-            [jnp.asarray(l.a, jnp.float32) * (jnp.asarray(w, jnp.float32) * l.alpha / l.rank) for l, w in present], axis=-1
-        )
-        b = jnp.concatenate([jnp.asarray(l.b, jnp.float32) for l, _ in present], axis=0)
-        return LoraLeaf(a=a.astype(present[0][0].a.dtype), b=b.astype(present[0][0].b.dtype), alpha=jnp.float32(a.shape[-1]))
+        if len({jnp.ndim(l.b) for l, _ in present}) > 1:
+            raise InvalidAdapterError("combine: stacked and unstacked LoRA leaves on the same weight.")
+
+        def scaled_a(leaf, w):  # fold weight * alpha / r into a; alpha may be per layer (stacked)
+            a = jnp.asarray(leaf.a, jnp.float32)
+            alpha = jnp.asarray(leaf.alpha, jnp.float32)
+            factor = jnp.asarray(w, jnp.float32) * alpha.reshape(alpha.shape + (1,) * (a.ndim - alpha.ndim)) / leaf.rank
+            return a * factor
+
+        a = jnp.concatenate([scaled_a(l, w) for l, w in present], axis=-1)
+        b = jnp.concatenate([jnp.asarray(l.b, jnp.float32) for l, _ in present], axis=-2)  # the rank axis
+        alpha = jnp.full(jnp.shape(present[0][0].alpha), a.shape[-1], jnp.float32)
+        return LoraLeaf(a=a.astype(present[0][0].a.dtype), b=b.astype(present[0][0].b.dtype), alpha=alpha)
 
     flat = [jax.tree_util.tree_flatten(t, is_leaf=is_adapter_leaf) for t in trees]
     treedef = flat[0][1]
