@@ -42,20 +42,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_inspect(args) -> int:
+def _each(files, fn) -> tuple[list[dict], int]:
+    """`fn(path)` for every file; a JloraError becomes that file's result and exit code 1."""
     from converters.errors import JloraError
-    from jlora.inspection import format_inspection, indexes_from_configs, inspect_file
 
     results, code = [], 0
-    indexes = indexes_from_configs(args.family, args.unet_config)
-    for path in args.files:
+    for path in files:
         try:
-            results.append(inspect_file(path, family=args.family, allow_pickle=args.allow_pickle, indexes=indexes))
+            results.append(fn(path))
         except JloraError as e:
             results.append({"file": path, "error": str(e), "error_type": type(e).__name__})
             code = 1
+    return results, code
+
+
+def _print_json(results: list[dict]) -> None:
+    print(json.dumps(results if len(results) > 1 else results[0], indent=2, default=str))
+
+
+def _run_inspect(args) -> int:
+    from jlora.inspection import format_inspection, indexes_from_configs, inspect_file
+
+    indexes = indexes_from_configs(args.family, args.unet_config)
+    results, code = _each(
+        args.files, lambda path: inspect_file(path, family=args.family, allow_pickle=args.allow_pickle, indexes=indexes)
+    )
     if args.json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2, default=str))
+        _print_json(results)
     else:
         for r in results:
             print(format_inspection(r) if "format" in r else f"{r['file']}\n  error       {r['error']}")
@@ -65,21 +78,17 @@ def _run_inspect(args) -> int:
 def _run_convert(args) -> int:
     from tqdm.auto import tqdm
 
-    from converters.errors import JloraError
     from jlora.inspection import convert_file, indexes_from_configs
 
-    results, code = [], 0
     indexes = indexes_from_configs(args.family, args.unet_config)
     files = tqdm(args.files, desc="converting", unit="file", disable=args.json or len(args.files) < 2, file=sys.stderr)
-    for path in files:
-        try:
-            results.append(convert_file(path, args.out, family=args.family, to=args.to, strict=not args.non_strict,
-                                        allow_pickle=args.allow_pickle, indexes=indexes))
-        except JloraError as e:
-            results.append({"file": path, "error": str(e), "error_type": type(e).__name__})
-            code = 1
+    results, code = _each(
+        files,
+        lambda path: convert_file(path, args.out, family=args.family, to=args.to, strict=not args.non_strict,
+                                  allow_pickle=args.allow_pickle, indexes=indexes),
+    )
     if args.json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2, default=str))
+        _print_json(results)
     else:
         for r in results:
             if "error" in r:

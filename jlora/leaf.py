@@ -62,9 +62,22 @@ class AdapterLeaf:
         return jax.tree.map(lambda _: P(), self)
 
 
+class _LowRank:
+    """Rank and kernel shape of leaves with a down factor `a` and an up factor `b`."""
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the kernel this leaf modifies."""
+        return tuple(self.a.shape[:-1]) + (self.b.shape[-1],)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoraLeaf(AdapterLeaf):
+class LoraLeaf(_LowRank, AdapterLeaf):
     """LoRA factors for one kernel: `delta = (alpha / rank) * tensordot(a, b, 1)`.
 
     Attributes:
@@ -85,15 +98,6 @@ class LoraLeaf(AdapterLeaf):
     a: jax.Array
     b: jax.Array
     alpha: jax.Array
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[-1]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of the kernel this leaf modifies."""
-        return tuple(self.a.shape[:-1]) + (self.b.shape[-1],)
 
     def delta(self) -> jax.Array:
         """The float32 weight delta `(alpha / r) * a @ b`, shaped like the kernel."""
@@ -218,7 +222,7 @@ class SetLeaf(AdapterLeaf):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DoraLeaf(AdapterLeaf):
+class DoraLeaf(_LowRank, AdapterLeaf):
     """DoRA: a LoRA whose merged weight is renormalised to a learned magnitude.
 
     `V = W + s * (alpha / r) * a @ b`, then `W' = magnitude * V / ||V||`, the norm taken
@@ -235,14 +239,6 @@ class DoraLeaf(AdapterLeaf):
     alpha: jax.Array
     magnitude: jax.Array
     strength_inside: bool = dataclasses.field(default=True, metadata=dict(static=True))
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[-1]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.a.shape[:-1]) + (self.b.shape[-1],)
 
     @property
     def invertible(self) -> bool:

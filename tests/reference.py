@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
+from flax.traverse_util import flatten_dict  # noqa: E402
 
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"

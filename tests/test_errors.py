@@ -5,9 +5,7 @@ PEFT LoRA file written by diffusers (tests/reference.py). Each test also checks 
 caller's params trees and state dicts are the same objects with the same keys and values.
 """
 
-import contextlib
 import re
-from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -17,6 +15,7 @@ import safetensors.numpy
 import jlora
 import reference as R
 from jlora import errors
+from untouched import untouched
 
 ATTN_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
 
@@ -24,32 +23,6 @@ ATTN_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _snapshot(tree, path=()):
-    """[(path, id, keys-or-copy)] of every mapping node and leaf of a nested dict tree."""
-    if isinstance(tree, Mapping):
-        out = [(path, id(tree), tuple(tree.keys()))]
-        for k, v in tree.items():
-            out += _snapshot(v, path + (k,))
-        return out
-    value = tree.detach().cpu().numpy().copy() if hasattr(tree, "detach") else np.array(tree, copy=True)
-    return [(path, id(tree), value)]
-
-
-@contextlib.contextmanager
-def untouched(*trees):
-    """Assert that the given dict trees keep their objects, keys and array values."""
-    before = [_snapshot(t) for t in trees]
-    yield
-    for tree, snap in zip(trees, before):
-        after = _snapshot(tree)
-        assert [(p, i) for p, i, _ in after] == [(p, i) for p, i, _ in snap], "tree objects or keys changed"
-        for (p, _, v), (_, _, w) in zip(after, snap):
-            if isinstance(w, tuple):
-                assert v == w, p
-            else:
-                assert v.dtype == w.dtype and np.array_equal(v, w), p
 
 
 def _save(path, tensors, metadata=None):

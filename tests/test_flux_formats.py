@@ -15,7 +15,6 @@ they differ from the rank.
 import copy
 import os
 import re
-import warnings
 
 import jax
 import numpy as np

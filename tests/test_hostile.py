@@ -16,7 +16,6 @@ ever escapes and that nothing the caller passed in changes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -26,7 +25,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -40,6 +38,7 @@ from converters import safetensors_io
 from converters.naming import DIFFUSERS_FLAX
 from jlora import errors
 from jlora.loading import shape_index
+from untouched import untouched
 
 # A square Dense kernel (32, 32) without bias, and its kohya spelling.
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -77,37 +76,6 @@ def kohya(name: str, rank: int = 4, n_in: int = 32, n_out: int = 32) -> dict:
 # --------------------------------------------------------------------------------------------
 # caller data must be left alone
 # --------------------------------------------------------------------------------------------
-
-
-def _snapshot(tree, path=()):
-    """[(path, id, keys or a copy of the value)] for every mapping node and leaf."""
-    if isinstance(tree, Mapping):
-        out = [(path, id(tree), tuple(tree.keys()))]
-        for k, v in tree.items():
-            out += _snapshot(v, path + (k,))
-        return out
-    if isinstance(tree, torch.Tensor):
-        readable = tree.layout == torch.strided and tree.device.type == "cpu"
-        return [(path, id(tree), tree.detach().numpy().copy() if readable else None)]
-    if isinstance(tree, (np.ndarray, jax.Array, np.generic)):
-        return [(path, id(tree), np.array(tree, copy=True))]
-    return [(path, id(tree), None)]
-
-
-@contextlib.contextmanager
-def untouched(*trees):
-    """Assert that the given trees keep their dict objects, keys and array values."""
-    before = [_snapshot(t) for t in trees]
-    yield
-    for tree, snap in zip(trees, before):
-        after = _snapshot(tree)
-        assert [(p, i) for p, i, _ in after] == [(p, i) for p, i, _ in snap], "caller's tree objects or keys changed"
-        for (p, _, now), (_, _, was) in zip(after, snap):
-            if isinstance(was, tuple):
-                assert now == was, p
-            elif isinstance(was, np.ndarray):
-                assert now.dtype == was.dtype and now.shape == was.shape, p
-                assert now.tobytes() == was.tobytes(), p  # bitwise, so NaNs compare equal
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ torch-backed check here, diffusers' loaded model directly.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
