@@ -64,6 +64,17 @@ class NamingScheme:
     detect: Callable[[Iterable[Path]], bool] = lambda paths: False
     to_target: Callable[[str], Target | None] | None = None
     modules: Callable[[Mapping[Path, tuple]], list[str]] | None = None
+    from_path: Callable[[Path, tuple[int, ...]], list[tuple[str, int | None, tuple]]] | None = None
+
+    def sources(self, path: Path, shape: tuple[int, ...]) -> list[tuple[str, int | None, tuple]]:
+        """The torch modules stored in the weight at `path` (of `shape`): `(module, layer, cols)`.
+
+        `layer` indexes a stacked axis (or None); `cols` are `(src_start, src_stop, dst_start)`
+        output columns of a fused weight (empty: the whole axis). The inverse of `target`.
+        """
+        if self.from_path is not None:
+            return self.from_path(path, shape)
+        return [(self.to_module(path), None, ())]
 
     def target(self, module: str) -> Target | None:
         """The target of a torch module name (None when the scheme has no place for it)."""
@@ -211,5 +222,19 @@ def table_scheme(name: str, rules: Iterable[TargetRule], detect: Callable[[Itera
                 out.append(rule.module)
         return out
 
+    def from_path(path: Path, shape: tuple[int, ...]) -> list[tuple[str, int | None, tuple]]:
+        out = []
+        for rule in rules:
+            if tuple(rule.path.split("/")) != tuple(path):
+                continue
+            stacked = "{layer}" in rule.module
+            unit = shape[-1] // rule.units
+            cols = tuple((s0 * unit, s1 * unit, d0 * unit) for s0, s1, d0 in rule.out_map)
+            layers = range(shape[0]) if stacked else [None]
+            out += [(rule.module.format(layer=layer) if stacked else rule.module, layer, cols) for layer in layers]
+        if not out:
+            raise NamingSchemeError(f"scheme {name!r} has no torch module for {'/'.join(path)}.")
+        return out
+
     return NamingScheme(name=name, to_path=to_path, to_module=to_module, weight=weight, detect=detect,
-                        to_target=to_target, modules=modules)
+                        to_target=to_target, modules=modules, from_path=from_path)

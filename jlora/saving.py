@@ -41,16 +41,47 @@ def _component_state(component: str, adapter: PyTree, scheme, dtype):
             )
         if path[-1] != scheme.weight:
             raise JloraError(f"{component}:{'/'.join(path)}: adapter leaf is not on a {scheme.weight!r} weight.")
-        module = scheme.to_module(path[:-1])
-        a, b = np.asarray(leaf.a), np.asarray(leaf.b)
-        if dtype is not None:
-            a, b = a.astype(dtype), b.astype(dtype)
-        down, up = layout.factors_to_torch(a, b, conv=a.ndim == 4)
-        tensors[f"{component}.{module}.lora_A.weight"] = down
-        tensors[f"{component}.{module}.lora_B.weight"] = up
-        ranks[module] = int(a.shape[-1])
-        alphas[module] = float(np.asarray(leaf.alpha))
+        for module, a, b, alpha in _module_factors(leaf, scheme.sources(path[:-1], leaf.shape)):
+            if dtype is not None:
+                a, b = a.astype(dtype), b.astype(dtype)
+            down, up = layout.factors_to_torch(a, b, conv=a.ndim == 4)
+            tensors[f"{component}.{module}.lora_A.weight"] = down
+            tensors[f"{component}.{module}.lora_B.weight"] = up
+            ranks[module] = int(a.shape[-1])
+            alphas[module] = alpha
     return tensors, ranks, alphas
+
+
+def _module_factors(leaf: LoraLeaf, sources):
+    """`(module, a, b, alpha)` per torch module stored in a (stacked, fused) LoRA leaf.
+
+    Each module gets its layer of `a`, its output columns of `b`, and only the rank
+    columns that are non-zero for it (pieces merged on a fused kernel are zero elsewhere),
+    with alpha rescaled so that alpha / rank is unchanged.
+    """
+    a_all, b_all, alpha_all = np.asarray(leaf.a), np.asarray(leaf.b), np.asarray(leaf.alpha, np.float64)
+    for module, layer, cols in sources:
+        a, b = (a_all, b_all) if layer is None else (a_all[layer], b_all[layer])
+        alpha = float(alpha_all if alpha_all.ndim == 0 else alpha_all[layer])
+        if cols:
+            b = np.concatenate([b[:, d0 : d0 + s1 - s0] for s0, s1, d0 in sorted(cols)], axis=1)
+        if layer is not None or cols:
+            used = (np.abs(a.reshape(-1, a.shape[-1])).sum(0) > 0) & (np.abs(b).sum(1) > 0)
+            if not used.any():
+                continue
+            scale = alpha / a.shape[-1]
+            a, b = a[..., used], b[used]
+            alpha = scale * a.shape[-1]
+        yield module, a, b, alpha
+
+
+def _pattern_key(module: str, modules) -> str:
+    """A PEFT pattern key for exactly this module.
+
+    PEFT matches pattern keys as `(.*\.)?key$`, so `proj_out` would also match
+    `single_transformer_blocks.0.proj_out`; such names are anchored with `^`.
+    """
+    return f"^{module}" if any(m != module and m.endswith("." + module) for m in modules) else module
 
 
 def lora_config(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict:
@@ -60,8 +91,8 @@ def lora_config(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict:
     return {
         "r": r,
         "lora_alpha": _number(alpha),
-        "rank_pattern": {m: v for m, v in sorted(ranks.items()) if v != r},
-        "alpha_pattern": {m: _number(v) for m, v in sorted(alphas.items()) if v != alpha},
+        "rank_pattern": {_pattern_key(m, ranks): v for m, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {_pattern_key(m, ranks): _number(v) for m, v in sorted(alphas.items()) if v != alpha},
         "target_modules": sorted(ranks),
         "use_dora": False,
         "use_rslora": False,

@@ -229,3 +229,21 @@ def test_set_weight_replaces_stacked_norm_scales_and_kernels(base, tmp_path):
     np.testing.assert_array_equal(got_p[1], np.asarray(params["double_blocks"]["img_attn"]["proj"]["kernel"])[1])
     with pytest.raises(jlora.errors.InvalidAdapterError, match="cannot be subtracted|keep the params"):
         jlora.unfuse(fused, adapter, 0.3)
+
+
+def test_save_flux_adapter_back_to_diffusers(base, tmp_path):
+    """Stacked, fused Flux adapters save as per-module diffusers keys that diffusers loads with the
+    original file's outputs (ranks restored from the zero-padded fused factors)."""
+    model, _, params = base
+    original = _peft_file(model, tmp_path / "orig", seed=11)
+    adapter = jlora.load_lora_weights(original, {"transformer": params}, family="flux")["transformer"]
+    saved = jlora.save_lora_weights(tmp_path / "saved", {"transformer": adapter})
+    orig_sd, saved_sd = jlora.lora_state_dict(original), jlora.lora_state_dict(saved)
+    assert sorted(saved_sd) == sorted(orig_sd)
+    for key, value in orig_sd.items():
+        assert saved_sd[key].shape == value.shape, key  # per-module ranks come back
+    inputs = _inputs(True)
+    for s in (1.0, 0.6):
+        want = _torch_out(_diffusers(model, original), inputs, s)
+        got = _torch_out(_diffusers(model, saved), inputs, s)
+        assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
