@@ -94,13 +94,22 @@ def _host_field(value, dtype):
 
 
 def make_leaves(placements, dtype=None) -> list:
-    """Adapter leaf objects of converter placements, all arrays moved to the device in one transfer."""
+    """Adapter leaf objects of converter placements, all arrays moved to the device in one transfer.
+
+    Scalars (alphas, factors) with the same value share one device array.
+    """
     host = [{k: _host_field(v, dtype) for k, v in p.fields.items()} for p in placements]
-    arrays = [v for fields in host for v in fields.values() if not isinstance(v, bool)]
-    moved = iter(jax.device_put(arrays))
+    arrays = [v for fields in host for v in fields.values() if not isinstance(v, bool) and np.ndim(v) > 0]
+    scalars = sorted({float(v) for fields in host for v in fields.values() if not isinstance(v, bool) and np.ndim(v) == 0})
+    moved = jax.device_put(arrays + [np.float32(x) for x in scalars])
+    moved_scalars = dict(zip(scalars, moved[len(arrays):]))
+    moved = iter(moved[: len(arrays)])
     leaves = []
     for p, fields in zip(placements, host):
-        kwargs = {k: (v if isinstance(v, bool) else next(moved)) for k, v in fields.items()}
+        kwargs = {
+            k: v if isinstance(v, bool) else (moved_scalars[float(v)] if np.ndim(v) == 0 else next(moved))
+            for k, v in fields.items()
+        }
         leaves.append(LEAF_TYPES[p.leaf](**kwargs))
     return leaves
 
