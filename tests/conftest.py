@@ -13,3 +13,30 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def unet():
+    """The tiny SD-1.5-shaped reference UNet (tests/reference.py)."""
+    import reference
+
+    return reference.build_sd15_unet()
+
+
+@pytest.fixture(scope="session")
+def clip():
+    """The tiny CLIP text encoder reference."""
+    import reference
+
+    return reference.build_clip_text()
+
+
+@pytest.fixture(scope="session")
+def sd_file(tmp_path_factory, unet, clip):
+    """A diffusers/PEFT SD LoRA file (UNet + text encoder, r=4, alpha=8) written by diffusers."""
+    import reference
+
+    return reference.make_peft_lora_file(tmp_path_factory.mktemp("sd"), [unet, clip], rank=4, alpha=8, pipeline="sd")

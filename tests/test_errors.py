@@ -39,19 +39,6 @@ def _modules(keys, component):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def unet():
-    return R.build_sd15_unet()
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return R.build_clip_text()
-
-
-@pytest.fixture(scope="module")
-def sd_file(tmp_path_factory, unet, clip):
-    return R.make_peft_lora_file(tmp_path_factory.mktemp("sd"), [unet, clip], rank=4, alpha=8, pipeline="sd")
 
 
 @pytest.fixture(scope="module")

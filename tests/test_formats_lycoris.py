@@ -113,14 +113,6 @@ def _by_module(tensors, ref):
     return out
 
 
-@pytest.fixture(scope="module")
-def unet():
-    return R.build_sd15_unet()
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return R.build_clip_text()
 
 
 def _refs(*names):
