@@ -34,10 +34,16 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, pro
 CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, projection_dim=None)
 CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, projection_dim=1280)
 
+FLUX_DEV = dict(
+    in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+)
+
 FAMILY_MODELS = {
     "sd": {"unet": SD15_UNET, "text_encoder": CLIP_L},
     "sd2": {"unet": SD2_UNET, "text_encoder": CLIP_H},
     "sdxl": {"unet": SDXL_UNET, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G},
+    "flux": {"transformer": FLUX_DEV, "text_encoder": CLIP_L},
 }
 
 
@@ -155,13 +161,56 @@ def clip_index(hidden_size: int, intermediate_size: int, num_hidden_layers: int,
     return b.index
 
 
+def flux_index(config: Mapping, dtype=np.float32) -> Index:
+    """The params shape index of `jlora.models.flux` (BFL layout, stacked blocks) for a diffusers Flux config."""
+    b = _Builder(dtype)
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    hd, mlp = config["attention_head_dim"], 4 * d
+    n2, n1 = config["num_layers"], config["num_single_layers"]
+    out = config.get("out_channels") or config["in_channels"]
+
+    def stacked(path, n, n_in, n_out):
+        b.add(path + ("kernel",), (n, n_in, n_out))
+        b.add(path + ("bias",), (n, n_out))
+
+    b.dense(("img_in",), config["in_channels"], d)
+    b.dense(("txt_in",), config["joint_attention_dim"], d)
+    embedders = [("time_in", 256), ("vector_in", config["pooled_projection_dim"])]
+    if config.get("guidance_embeds"):
+        embedders.append(("guidance_in", 256))
+    for name, n_in in embedders:
+        b.dense((name, "in_layer"), n_in, d)
+        b.dense((name, "out_layer"), d, d)
+    for stream in ("img", "txt"):
+        stacked(("double_blocks", f"{stream}_mod", "lin"), n2, d, 6 * d)
+        stacked(("double_blocks", f"{stream}_attn", "qkv"), n2, d, 3 * d)
+        stacked(("double_blocks", f"{stream}_attn", "proj"), n2, d, d)
+        stacked(("double_blocks", f"{stream}_mlp_0"), n2, d, mlp)
+        stacked(("double_blocks", f"{stream}_mlp_2"), n2, mlp, d)
+        for norm in ("query_norm", "key_norm"):
+            b.add(("double_blocks", f"{stream}_attn", "norm", norm, "scale"), (n2, hd))
+    stacked(("single_blocks", "modulation", "lin"), n1, d, 3 * d)
+    stacked(("single_blocks", "linear1"), n1, d, 3 * d + mlp)
+    stacked(("single_blocks", "linear2"), n1, d + mlp, d)
+    for norm in ("query_norm", "key_norm"):
+        b.add(("single_blocks", "norm", norm, "scale"), (n1, hd))
+    b.dense(("final_layer", "adaLN_modulation_1"), d, 2 * d)
+    b.dense(("final_layer", "linear"), d, config.get("patch_size", 1) ** 2 * out)
+    return b.index
+
+
 def family_indexes(family: str, dtype=np.float16) -> dict[str, Index]:
-    """Shape indexes of every component of a family's standard models (`sd`, `sd2`, `sdxl`)."""
+    """Shape indexes of every component of a family's standard models (`sd`, `sd2`, `sdxl`, `flux`)."""
     from converters.errors import JloraError
 
     if family not in FAMILY_MODELS:
         raise JloraError(f"no standard architecture for family {family!r}; known: {sorted(FAMILY_MODELS)}.")
     out = {}
     for component, cfg in FAMILY_MODELS[family].items():
-        out[component] = unet_index(cfg, dtype) if component == "unet" else clip_index(**cfg, dtype=dtype)
+        if component == "unet":
+            out[component] = unet_index(cfg, dtype)
+        elif component == "transformer":
+            out[component] = flux_index(cfg, dtype)
+        else:
+            out[component] = clip_index(**cfg, dtype=dtype)
     return out

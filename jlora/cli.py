@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="directory for the generated and saved LoRA files (default: a temp dir)")
     demo.add_argument("--devices", type=int, default=8, help="host CPU devices to emulate for the sharded step")
 
-    families = ["sd", "sd2", "sdxl"]
+    families = ["sd", "sd2", "sdxl", "flux"]
     ins = sub.add_parser("inspect", help="format, components, targets, ranks, alphas, dtypes, size and unplaceable keys")
     ins.add_argument("files", nargs="+")
     ins.add_argument("--family", choices=families, default=None, help="check against this family (default: guessed)")

@@ -45,3 +45,14 @@ def test_clip_index(name, projection):
 def test_family_indexes_components():
     assert set(A.family_indexes("sdxl")) == {"unet", "text_encoder", "text_encoder_2"}
     assert ("text_projection", "kernel") in A.family_indexes("sdxl")["text_encoder_2"]
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_flux_index_equals_the_flax_flux(guidance):
+    from jlora.models import flux
+
+    tiny = dict(in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+    assert _mine(A.flux_index(tiny)) == _shapes(flux.param_shapes(tiny))
+    full = dict(A.FLUX_DEV, axes_dims_rope=(16, 56, 56))
+    assert _mine(A.flux_index(full)) == _shapes(flux.param_shapes(full))

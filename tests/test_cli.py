@@ -123,3 +123,30 @@ def test_cli_reports_failures_with_exit_code(tmp_path, capsys):
     assert main(["inspect", str(bad), "--json"]) == 1
     info = json.loads(capsys.readouterr().out)
     assert info["error_type"] == "CorruptFileError" and "broken.safetensors" in info["error"]
+
+
+def test_flux_kohya_file_inspect_and_convert(tmp_path, capsys):
+    """A kohya Flux file at Flux.1 size: inspect guesses flux, convert writes per-module diffusers keys."""
+    rng = np.random.default_rng(0)
+    d = 3072
+    sd = {
+        "lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight": rng.standard_normal((2, d)).astype(np.float16),
+        "lora_unet_double_blocks_3_img_attn_qkv.lora_up.weight": rng.standard_normal((3 * d, 2)).astype(np.float16),
+        "lora_unet_double_blocks_3_img_attn_qkv.alpha": np.array(1.0, np.float16),
+        "lora_unet_single_blocks_20_linear2.lora_down.weight": rng.standard_normal((2, 5 * d)).astype(np.float16),
+        "lora_unet_single_blocks_20_linear2.lora_up.weight": rng.standard_normal((d, 2)).astype(np.float16),
+    }
+    path = str(tmp_path / "flux_style.safetensors")
+    save_file(sd, path)
+    assert main(["inspect", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "kohya_flux" and info["family"] == "flux" and info["targets"] == 4 and not info["unplaced"]
+    assert main(["convert", path, "--to", "diffusers", "-o", str(tmp_path / "out"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = sorted(jlora.lora_state_dict(result["output"]))
+    assert keys == sorted(
+        f"transformer.{m}.lora_{x}.weight"
+        for m in ("transformer_blocks.3.attn.to_q", "transformer_blocks.3.attn.to_k", "transformer_blocks.3.attn.to_v",
+                  "single_transformer_blocks.20.proj_out")
+        for x in "AB"
+    )
