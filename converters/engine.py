@@ -188,10 +188,10 @@ def _need(where: str, roles: Mapping[str, str], *groups: tuple[str, ...]) -> Non
 
 # ndims each role may have (LoKr factors may be conv-shaped; diffs follow their weight).
 _NDIMS = {
-    "down": (2, 4), "up": (2, 4), "mid": (4,), "magnitude": (1, 2, 4), "dora_scale": (1, 2, 4),
+    "down": (2, 4, 5), "up": (2, 4, 5), "mid": (4,), "magnitude": (1, 2, 4), "dora_scale": (1, 2, 4),
     "w1a": (2,), "w1b": (2,), "w2a": (2,), "w2b": (2,), "t1": (4,), "t2": (4,),
     "lokr_w1": (2,), "lokr_w1a": (2,), "lokr_w1b": (2,), "lokr_w2": (2, 4), "lokr_w2a": (2,), "lokr_w2b": (2, 4),
-    "lokr_t2": (4,), "diff": (1, 2, 4), "set": (1, 2, 4), "diff_b": (1,), "up_bias": (1,),
+    "lokr_t2": (4,), "diff": (1, 2, 4, 5), "set": (1, 2, 4, 5), "diff_b": (1,), "up_bias": (1,),
 }
 
 
@@ -219,8 +219,12 @@ def _check_lora(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.n
             f"{where}: rank mismatch, {roles['down']} has shape {tuple(down.shape)} (rank {r}) but "
             f"{roles['up']} has shape {tuple(up.shape)} (rank {up.shape[1]})."
         )
-    if up.ndim == 4 and up.shape[2:] != (1, 1):
+    if up.ndim > 2 and any(n != 1 for n in up.shape[2:]):
         raise InvalidAdapterError(f"{roles['up']}: conv LoRA up factor must be 1x1, got shape {tuple(up.shape)}.")
+    if up.ndim > 2 and up.ndim != down.ndim:
+        raise InvalidAdapterError(
+            f"{where}: conv factors {roles['down']} {tuple(down.shape)} and {roles['up']} {tuple(up.shape)} differ in rank."
+        )
     if "mid" in roles:
         mid = tensors[roles["mid"]]
         if mid.ndim != 4 or mid.shape[:2] != (r, r) or down.ndim != 4 or down.shape[2:] != (1, 1):

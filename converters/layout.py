@@ -18,9 +18,11 @@ from converters.records import Record
 
 
 def weight_to_flax(w: np.ndarray, kernel_shape: tuple[int, ...]) -> np.ndarray:
-    """A full torch weight (out, in[, kh, kw]) in the layout of a Flax kernel of `kernel_shape`."""
+    """A full torch weight (out, in[, kh, kw] or [, kd, kh, kw]) in the layout of a Flax kernel of `kernel_shape`."""
     if w.ndim == 1:
         return w
+    if w.ndim == 5:  # Conv3d: OIDHW -> DHWIO
+        return w.transpose(2, 3, 4, 1, 0)
     if w.ndim == 2:
         out = w.T
         return out.reshape((1, 1) + out.shape) if len(kernel_shape) == 4 else out
@@ -34,8 +36,8 @@ def down_to_flax(down: np.ndarray, kernel_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def up_to_flax(up: np.ndarray) -> np.ndarray:
-    """torch up factor (out, r) or (out, r, 1, 1) -> Flax `b` (r, out)."""
-    return (up[:, :, 0, 0] if up.ndim == 4 else up).T
+    """torch up factor (out, r) or a 1x1 conv (out, r, 1, 1[, 1]) -> Flax `b` (r, out)."""
+    return up.reshape(up.shape[:2]).T
 
 
 def _fail(rec: Record, path: str, kernel_shape, got, role: str = "") -> ShapeMismatchError:
@@ -166,6 +168,8 @@ def bias_leaf(rec: Record, bias_shape, path: str, factor: float) -> tuple[str, d
 
 def factors_to_torch(a: np.ndarray, b: np.ndarray, conv: bool) -> tuple[np.ndarray, np.ndarray]:
     """Flax `a`, `b` -> torch `lora_A`, `lora_B` weights (conv when the target is a conv)."""
+    if a.ndim == 5:
+        return a.transpose(4, 3, 0, 1, 2), b.T[:, :, None, None, None]
     if a.ndim == 4:
         return a.transpose(3, 2, 0, 1), b.T[:, :, None, None]
     if conv:
