@@ -91,6 +91,15 @@ def write_sdxl_kohya(path: str, rank: int = 32, seed: int = 0) -> int:
     return n
 
 
+def _read_and_transfer(path: str) -> list:
+    """The least a loader returning device arrays does: read the file, move each LoRA factor in Flax layout."""
+    from converters.safetensors_io import load_file
+
+    tensors, _ = load_file(path)
+    flax = [t.transpose(2, 3, 1, 0) if t.ndim == 4 else t.T for t in tensors.values() if t.ndim >= 2]
+    return jax.device_put(flax)
+
+
 def bench_kohya_sdxl(repeat: int) -> None:
     """file -> adapters for a real-size SDXL kohya file: jlora vs diffusers vs a raw read."""
     import safetensors.flax
@@ -108,6 +117,7 @@ def bench_kohya_sdxl(repeat: int) -> None:
     jl = _time(lambda: jax.block_until_ready(jlora.load_lora_weights(path, params, family="sdxl")), repeat)
     raw_np = _time(lambda: safetensors.numpy.load_file(path), repeat)
     raw_jax = _time(lambda: jax.block_until_ready(safetensors.flax.load_file(path)), repeat)
+    floor = _time(lambda: jax.block_until_ready(_read_and_transfer(path)), repeat)
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET, attention_head_dim=(5, 10, 20))
@@ -128,6 +138,8 @@ def bench_kohya_sdxl(repeat: int) -> None:
             ("file -> adapters: jlora / diffusers load_lora_into_*", jl, dl, "target <= 0.1"),
             ("file -> adapters: jlora / safetensors.numpy read", jl, raw_np, "target <= 2"),
             ("file -> adapters: jlora / safetensors.flax read", jl, raw_jax, "both end in device arrays"),
+            ("file -> adapters: jlora / read + device_put floor", jl, floor, "conversion overhead"),
+            ("read + device_put floor / safetensors.numpy read", floor, raw_np, "no conversion at all"),
         ],
     )
 
