@@ -11,6 +11,7 @@ dict is never modified.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections import defaultdict
 from typing import Callable, Iterable, Mapping
@@ -195,12 +196,17 @@ _NDIMS = {
 }
 
 
+@functools.lru_cache(maxsize=64)
+def _is_float(dtype: np.dtype) -> bool:
+    return str(dtype) in _FLOATS
+
+
 def _check_floats(roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
     for role, key in roles.items():
         if role == "alpha":
             continue
         t = tensors[key]
-        if str(t.dtype) not in _FLOATS:
+        if not _is_float(t.dtype):
             raise InvalidAdapterError(f"{key}: tensor has dtype {t.dtype}, expected one of {sorted(_FLOATS)}.")
         if t.size == 0:
             raise InvalidAdapterError(f"{key}: tensor is empty (shape {tuple(t.shape)}).")

@@ -18,8 +18,19 @@ PyTree = Any
 _FILE_KWARGS = ("weight_name", "subfolder", "allow_pickle", "local_files_only", "cache_dir", "revision", "token")
 
 
+_KEY_ATTR = {
+    jax.tree_util.DictKey: "key",
+    jax.tree_util.GetAttrKey: "name",
+    jax.tree_util.SequenceKey: "idx",
+    jax.tree_util.FlattenedIndexKey: "key",
+}
+
+
 def key_name(key) -> str:
     """The string form of one jax key-path entry (dict key, attribute or index)."""
+    attr = _KEY_ATTR.get(type(key))
+    if attr is not None:
+        return str(getattr(key, attr))
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
