@@ -78,6 +78,10 @@ MODELS = {
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
         num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
         pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))),
+    "hunyuan_video_p2": (HunyuanVideoTransformer3DModel, dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))),
     "ltx_video": (LTXVideoTransformer3DModel, dict(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
         cross_attention_dim=16, num_layers=1, caption_channels=16)),
@@ -449,18 +453,65 @@ def test_musubi_wan(tmp_path):
 
 
 def test_wan_keys_without_a_place_are_reported(tmp_path):
-    """Conv3d / modulation diffs have no adapter kind in jlora: strict raises naming them, strict=False loads the rest."""
+    """Modulation diffs (`scale_shift_table`) have no adapter kind in jlora: strict raises naming them,
+    strict=False loads the rest."""
     path = str(tmp_path / "wan.safetensors")
     tensors = write_file(path, "wan", WAN_T2V[:2], prefix="diffusion_model.", down="lora_down.weight", up="lora_up.weight")
-    extra = {"diffusion_model.patch_embedding.diff": np.ones((16, 4, 1, 2, 2), np.float32),
-             "diffusion_model.blocks.0.modulation.diff": np.ones((1, 6, 16), np.float32)}
+    extra = {"diffusion_model.blocks.0.modulation.diff": np.ones((1, 6, 16), np.float32)}
     tensors.update(extra)
     base = nested(flat_tree(model("wan").state_dict()))
-    with pytest.raises(jlora.errors.KeyMismatchError, match="patch_embedding.diff"):
+    with pytest.raises(jlora.errors.KeyMismatchError, match="modulation.diff"):
         jlora.load_lora_weights(tensors, {"transformer": base}, family="wan")
-    with pytest.warns(UserWarning, match="2 keys not loaded"):
+    with pytest.warns(UserWarning, match="1 keys not loaded"):
         _, report = jlora.load_lora_weights(tensors, {"transformer": base}, family="wan", strict=False, return_report=True)
     assert sorted(report.unmatched) == sorted(extra) and len(report.placed) == 3  # q has a bias diff
+
+
+def _conv_factors(weight: torch.Tensor, rng) -> tuple[np.ndarray, np.ndarray]:
+    """LoRA factors for a conv weight (out, in, *k): down (r, in, *k), up (out, r, 1, ...)."""
+    out_ch, in_ch, *k = weight.shape
+    down = rng.standard_normal((RANK, in_ch, *k)).astype(np.float32) * 0.5
+    up = rng.standard_normal((out_ch, RANK) + (1,) * len(k)).astype(np.float32) * 0.5
+    return down, up
+
+
+def _peft_fused(name: str, module: str, down, up, alpha: float, scale: float) -> dict:
+    """PEFT's fused weights for one LoRA on `module` of the tiny model (PEFT layer math, independent of jlora)."""
+    m = copy.deepcopy(model(name))
+    m.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, target_modules=[module]))
+    layer = m.get_submodule(module)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.from_numpy(down))
+        layer.lora_B["default"].weight.copy_(torch.from_numpy(up))
+    m.fuse_lora(lora_scale=scale)
+    return flat_tree(m.state_dict())
+
+
+def test_wan_conv3d_patch_embedding_against_peft(tmp_path):
+    """`diffusion_model.patch_embedding` (Conv3d, 5-D factors and diffs) in a Wan original-name file."""
+    path = str(tmp_path / "wan.safetensors")
+    tensors = write_file(path, "wan", WAN_T2V[:1], prefix="diffusion_model.", down="lora_down.weight", up="lora_up.weight")
+    weight = model("wan").state_dict()["patch_embedding.weight"]
+    down, up = _conv_factors(weight, _rng(5))
+    key = "diffusion_model.patch_embedding."
+    tensors.update({key + "lora_down.weight": down, key + "lora_up.weight": up, key + "alpha": np.float32(3.0)})
+    base = nested(flat_tree(model("wan").state_dict()))
+    got = flatten(jlora.fuse(base, jlora.load_lora_weights(tensors, {"transformer": base}, family="wan")["transformer"], SCALE))
+    want = _peft_fused("wan", "patch_embedding", down, up, 3.0, SCALE)
+    kernel = weight_path("patch_embedding", "kernel")
+    assert got[kernel].shape == weight.numpy().transpose(2, 3, 4, 1, 0).shape
+    assert np.abs(want[kernel] - flatten(base)[kernel]).max() > 1e-2
+    np.testing.assert_allclose(got[kernel], want[kernel], rtol=1e-5, atol=1e-6)
+
+    diffs = {key + "diff": _rng(6).standard_normal(tuple(weight.shape)).astype(np.float32),
+             key + "diff_b": _rng(7).standard_normal((weight.shape[0],)).astype(np.float32)}
+    no_lora = {k: v for k, v in tensors.items() if not k.startswith(key)}
+    adapter = jlora.load_lora_weights({**no_lora, **diffs}, {"transformer": base}, family="wan")["transformer"]
+    fused = flatten(jlora.fuse(base, adapter, SCALE))
+    torch_w = weight.numpy() + SCALE * diffs[key + "diff"]  # the format's math in torch layout, then to DHWIO
+    np.testing.assert_allclose(fused[kernel], torch_w.transpose(2, 3, 4, 1, 0), rtol=1e-5, atol=1e-6)
+    bias = weight_path("patch_embedding", "bias")
+    np.testing.assert_allclose(fused[bias], flatten(base)[bias] + SCALE * diffs[key + "diff_b"], rtol=1e-6, atol=1e-6)
 
 
 # ---- 3. HunyuanVideo (original names) ---------------------------------------------------------
@@ -518,6 +569,24 @@ def test_hunyuan_video_against_diffusers(prefix, tmp_path):
     assert changed == expected_paths("hunyuan_video", HUNYUAN) and injected == len(changed) == 24
     forced, _ = jlora_fused("hunyuan_video", path, "hunyuan_video", "hunyuan_video")
     assert_fused_equal(forced, want, flat_tree(model("hunyuan_video").state_dict()))
+
+
+def test_hunyuan_video_conv3d_img_in_against_diffusers(tmp_path):
+    """`img_in.proj` (the Conv3d patch embedding, 5-D lora_A) next to linear modules."""
+    name, key = "hunyuan_video_p2", "diffusion_model.img_in.proj."
+    tensors = write_file(tmp_path / "lin.safetensors", name, HUNYUAN[:3], prefix="diffusion_model.",
+                         down="lora_A.weight", up="lora_B.weight")
+    weight = model(name).state_dict()["x_embedder.proj.weight"]
+    assert tuple(weight.shape[2:]) == (1, 2, 2)
+    down, up = _conv_factors(weight, _rng(8))
+    tensors.update({key + "lora_A.weight": down, key + "lora_B.weight": up})
+    path = str(tmp_path / "hunyuan.safetensors")
+    save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, path)
+    want, injected = diffusers_fused(name, HunyuanVideoLoraLoaderMixin, path)
+    got, report = jlora_fused(name, path, "hunyuan_video", None)
+    assert_report_complete(report, tensors, "hunyuan_video")
+    changed = assert_fused_equal(got, want, flat_tree(model(name).state_dict()))
+    assert weight_path("x_embedder.proj", "kernel") in changed and injected == len(changed) == 8
 
 
 def test_hunyuan_video_fused_linear1_and_final_modulation(tmp_path):

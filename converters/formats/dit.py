@@ -2,11 +2,11 @@
 
 * `wan`: Wan 2.x in its original names (the Wan repo, ComfyUI): `diffusion_model.blocks.0.self_attn.q.lora_down.weight`
   (or `lora_A`/`lora_B`), `.alpha`, full diffs `.diff` / `.diff_b` and `.set_weight` (norms included), `head.head`,
-  `text_embedding.0`, `time_projection.1`, image-to-video `cross_attn.k_img` and `img_emb.proj.1`.
+  `text_embedding.0`, `time_projection.1`, the Conv3d `patch_embedding`, image-to-video `cross_attn.k_img` and `img_emb.proj.1`.
 * `musubi_wan`: musubi-tuner's Wan files, `lora_unet_blocks_0_self_attn_q.lora_down.weight` + `.alpha`
   (and the LyCORIS roles of kohya files).
 * `hunyuan_video`: HunyuanVideo in its original names: fused `img_attn_qkv` / `txt_attn_qkv`, single-block
-  `linear1` (q, k, v, mlp), token refiner `txt_in.individual_token_refiner.blocks.0.self_attn_qkv`.
+  `linear1` (q, k, v, mlp), the Conv3d `img_in.proj`, token refiner `txt_in.individual_token_refiner.blocks.0.self_attn_qkv`.
 * `lumina2`: Lumina-Image-2.0 in its original names: grouped-query `attention.qkv`, `feed_forward.w1`.
 * `prefixed_diffusers`: diffusers module names under `diffusion_model.` (LTX-Video, HiDream, ComfyUI-saved
   files) or with kohya roles (`transformer_blocks.0.attn.to_q.lora_down.weight` + `.alpha`, Qwen-Image).
@@ -101,6 +101,7 @@ WAN_MAPS = (
     M(rf"{_B}\.ffn\.2", "blocks.{i}.ffn.net.2"),
     M(rf"{_B}\.norm3", "blocks.{i}.norm2"),  # the affine cross-attention norm
     M(r"head\.head", "proj_out"),
+    M(r"patch_embedding", "patch_embedding"),  # Conv3d
     M(r"text_embedding\.0", "condition_embedder.text_embedder.linear_1"),
     M(r"text_embedding\.2", "condition_embedder.text_embedder.linear_2"),
     M(r"time_embedding\.0", "condition_embedder.time_embedder.linear_1"),
@@ -145,6 +146,7 @@ HUNYUAN_VIDEO_MAPS = (
     M(rf"{_HR}\.mlp\.fc1", f"{_R}.ff.net.0.proj"),
     M(rf"{_HR}\.mlp\.fc2", f"{_R}.ff.net.2"),
     M(rf"{_HR}\.adaLN_modulation\.1", f"{_R}.norm_out.linear"),
+    M(r"img_in\.proj", "x_embedder.proj"),  # Conv3d
     M(r"txt_in\.input_embedder", "context_embedder.proj_in"),
     M(r"txt_in\.t_embedder\.mlp\.0", "context_embedder.time_text_embed.timestep_embedder.linear_1"),
     M(r"txt_in\.t_embedder\.mlp\.2", "context_embedder.time_text_embed.timestep_embedder.linear_2"),
