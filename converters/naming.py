@@ -170,7 +170,9 @@ TORCH_MIRROR = register_naming_scheme(
 class TargetRule:
     """One row of a table scheme: a torch module name template -> a place in the params tree.
 
-    `module` may contain `{layer}` (a block index that becomes the stacked-layer index);
+    `module` may contain `{layer}`, a block index. When `path` has no `{layer}` the blocks are
+    stacked (scanned) and the index selects a slice of the leading axis; when `path` has `{layer}`
+    too, each block has its own weights at that path (a list of layers).
     `path` is the `/`-joined module path in the params tree.
     """
 
@@ -181,7 +183,20 @@ class TargetRule:
 
     @property
     def regex(self) -> re.Pattern:
-        return re.compile(re.escape(self.module).replace(re.escape("{layer}"), r"(?P<layer>\d+)"))
+        return _layer_regex(self.module)
+
+    @property
+    def per_layer(self) -> bool:
+        """True when each block has its own weights (`{layer}` in `path`), False when they are stacked."""
+        return "{layer}" in self.path
+
+    @property
+    def stacked(self) -> bool:
+        return "{layer}" in self.module and not self.per_layer
+
+
+def _layer_regex(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(re.escape("{layer}"), r"(?P<layer>\d+)"))
 
 
 def table_scheme(name: str, rules: Iterable[TargetRule], detect: Callable[[Iterable[Path]], bool], weight: str = "kernel") -> NamingScheme:
@@ -194,6 +209,8 @@ def table_scheme(name: str, rules: Iterable[TargetRule], detect: Callable[[Itera
             m = regex.fullmatch(module)
             if m:
                 layer = int(m["layer"]) if "layer" in m.groupdict() else None
+                if rule.per_layer:
+                    return Target(tuple(rule.path.format(layer=layer).split("/")), None, rule.units, rule.out_map)
                 return Target(tuple(rule.path.split("/")), layer, rule.units, rule.out_map)
         return None
 
@@ -209,14 +226,22 @@ def table_scheme(name: str, rules: Iterable[TargetRule], detect: Callable[[Itera
             f"it cannot name {'/'.join(path)} as one torch module."
         )
 
+    def _layers(rule: TargetRule, index: Mapping[Path, tuple]) -> list[int]:
+        regex = _layer_regex(rule.path)
+        found = {int(m["layer"]) for p in index if p[-1] in (weight, "scale") and (m := regex.fullmatch("/".join(p[:-1])))}
+        return sorted(found)
+
     def modules(index: Mapping[Path, tuple]) -> list[str]:
         out = []
         for rule in rules:
+            if rule.per_layer:
+                out += [rule.module.format(layer=i) for i in _layers(rule, index)]
+                continue
             base = tuple(rule.path.split("/"))
             entry = index.get(base + (weight,)) or index.get(base + ("scale",))
             if entry is None:
                 continue
-            if "{layer}" in rule.module:
+            if rule.stacked:
                 out += [rule.module.format(layer=i) for i in range(entry[0][0])]
             else:
                 out.append(rule.module)
@@ -225,13 +250,17 @@ def table_scheme(name: str, rules: Iterable[TargetRule], detect: Callable[[Itera
     def from_path(path: Path, shape: tuple[int, ...]) -> list[tuple[str, int | None, tuple]]:
         out = []
         for rule in rules:
-            if tuple(rule.path.split("/")) != tuple(path):
-                continue
-            stacked = "{layer}" in rule.module
             unit = shape[-1] // rule.units
             cols = tuple((s0 * unit, s1 * unit, d0 * unit) for s0, s1, d0 in rule.out_map)
-            layers = range(shape[0]) if stacked else [None]
-            out += [(rule.module.format(layer=layer) if stacked else rule.module, layer, cols) for layer in layers]
+            if rule.per_layer:
+                m = _layer_regex(rule.path).fullmatch("/".join(path))
+                if m:
+                    out.append((rule.module.format(layer=int(m["layer"])), None, cols))
+                continue
+            if tuple(rule.path.split("/")) != tuple(path):
+                continue
+            layers = range(shape[0]) if rule.stacked else [None]
+            out += [(rule.module.format(layer=layer) if rule.stacked else rule.module, layer, cols) for layer in layers]
         if not out:
             raise NamingSchemeError(f"scheme {name!r} has no torch module for {'/'.join(path)}.")
         return out

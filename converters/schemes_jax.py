@@ -18,9 +18,11 @@ a diffusers checkpoint (same paths). Blocks are made under `nnx.vmap`, so every
 `blocks/...` weight is stacked `(L, in, out)`; attention projections are renamed
 `to_q/to_k/to_v/to_out.0 -> query/key/value/proj_attn` and the feed-forward
 `ffn.net.0.proj/ffn.net.2 -> ffn/act_fn/proj, ffn/proj_out`; I2V adds `attn2/add_k_proj`,
-`attn2/add_v_proj` and `condition_embedder/image_embedder/ff/net_0, net_2`. Not covered:
-the Conv3d `patch_embedding` and `scan_layers=False` trees (`blocks/<i>/...`, one
-module per layer).
+`attn2/add_v_proj` and `condition_embedder/image_embedder/ff/net_0, net_2`; the Conv3d
+`patch_embedding` keeps its name.
+
+`maxdiffusion_wan_layers`: the same model with `scan_layers=False`: `blocks` is an
+`nnx.List`, so each layer has its own weights at `blocks/<i>/...` with the names above.
 """
 
 from __future__ import annotations
@@ -106,6 +108,13 @@ MAXDIFFUSION_WAN_RULES = (
     R(f"{_CE}.image_embedder.ff.net.0.proj", f"{_CE}/image_embedder/ff/net_0"),
     R(f"{_CE}.image_embedder.ff.net.2", f"{_CE}/image_embedder/ff/net_2"),
     R("proj_out", "proj_out"),
+    R("patch_embedding", "patch_embedding"),  # Conv3d kernel (kt, kh, kw, in, out)
+)
+
+# scan_layers=False: `blocks` is an `nnx.List`, one subtree per layer at `blocks/<i>/...`.
+MAXDIFFUSION_WAN_LAYERS_RULES = tuple(
+    R(rule.module, rule.path.replace("blocks/", "blocks/{layer}/", 1)) if rule.path.startswith("blocks/") else rule
+    for rule in MAXDIFFUSION_WAN_RULES
 )
 
 
@@ -116,6 +125,16 @@ def _detect_maxdiffusion_wan(paths: Iterable[Path]) -> bool:
     )
 
 
+def _detect_maxdiffusion_wan_layers(paths: Iterable[Path]) -> bool:
+    paths = list(paths)
+    return any(
+        len(p) >= 5 and p[0] == "blocks" and p[1].isdigit() and p[2:5] == ("attn1", "query", "kernel") for p in paths
+    ) and any(p[:1] == (_CE,) for p in paths)
+
+
 MAXDIFFUSION_WAN = register_naming_scheme(
     table_scheme("maxdiffusion_wan", MAXDIFFUSION_WAN_RULES, detect=_detect_maxdiffusion_wan)
+)
+MAXDIFFUSION_WAN_LAYERS = register_naming_scheme(
+    table_scheme("maxdiffusion_wan_layers", MAXDIFFUSION_WAN_LAYERS_RULES, detect=_detect_maxdiffusion_wan_layers)
 )

@@ -124,8 +124,9 @@ def _to_maxdiffusion_flux(sd: dict, num_layers: int, num_single_layers: int) -> 
     return tree
 
 
-def _to_maxdiffusion_wan(sd: dict, num_layers: int) -> dict:
-    """A diffusers Wan state dict as maxdiffusion's nnx `WanModel(scan_layers=True)` state, as a pure dict."""
+def _to_maxdiffusion_wan(sd: dict, num_layers: int, scan_layers: bool = True) -> dict:
+    """A diffusers Wan state dict as maxdiffusion's nnx `WanModel(scan_layers=...)` state, as a pure dict
+    (`scan_layers=False`: `blocks` is an `nnx.List`, keyed by layer number)."""
 
     def attn(p):
         out = {
@@ -163,7 +164,7 @@ def _to_maxdiffusion_wan(sd: dict, num_layers: int) -> dict:
             "time_proj": _lin(sd, f"{ce}.time_proj"),
             "text_embedder": {k: _lin(sd, f"{ce}.text_embedder.{k}") for k in ("linear_1", "linear_2")},
         },
-        "blocks": _stack([block(i) for i in range(num_layers)]),
+        "blocks": _stack([block(i) for i in range(num_layers)]) if scan_layers else {i: block(i) for i in range(num_layers)},
         "proj_out": _lin(sd, "proj_out"),
         "scale_shift_table": sd["scale_shift_table"],
     }
@@ -207,7 +208,7 @@ FLUX_TARGETS = [
 WAN_TARGETS = [
     "to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "ffn.net.0.proj", "ffn.net.2",
     "time_embedder.linear_1", "time_embedder.linear_2", "time_proj", "text_embedder.linear_1", "text_embedder.linear_2",
-    "image_embedder.ff.net.0.proj", "image_embedder.ff.net.2", "proj_out",
+    "image_embedder.ff.net.0.proj", "image_embedder.ff.net.2", "proj_out", "patch_embedding",
 ]
 
 
@@ -314,14 +315,14 @@ def test_maxdiffusion_flux_fused_weights_equal_diffusers(flux_model, flux_base, 
 
 
 def test_scheme_rules_name_the_modules_of_the_trees(flux_base, wan_base):
-    """Flux: every kernel and q/k norm scale of the tree has a rule and every rule a weight. Wan: the same
-    but for the Conv3d patch embedding, which jlora's layouts do not cover."""
+    """Flux: every kernel and q/k norm scale of the tree has a rule and every rule a weight. Wan: every kernel
+    (the Conv3d patch embedding included) has a rule."""
     modules = {"/".join(p[:-1]) for p in shape_index(flux_base) if p[-1] in ("kernel", "scale")}
     assert {"/".join(p[:-1]) for p in shape_index(flux_base) if p[-1] == "kernel"} == set(MAXDIFFUSION_FLUX_KERNELS)
     assert {r.path for r in MAXDIFFUSION_FLUX_RULES} == modules
     kernels = {"/".join(p[:-1]) for p in shape_index(wan_base) if p[-1] == "kernel"}
     rules = {r.path for r in MAXDIFFUSION_WAN_RULES}
-    assert kernels - rules == {"patch_embedding"}
+    assert kernels - rules == set()
     if "image_embedder" in wan_base["condition_embedder"]:
         assert rules <= kernels
 
@@ -441,9 +442,10 @@ def test_maxdiffusion_wan_fused_weights_equal_diffusers(wan_model, wan_base, tmp
     targets = WAN_TARGETS if i2v else [t for t in WAN_TARGETS if "add_" not in t and "image_" not in t]
     path = _peft_file(wan_model, WanLoraLoaderMixin, tmp_path, targets, rank_pattern={"ffn.net.2": 2}, alpha_pattern={"to_v": 2})
     adapter, report = _load(path, wan_base, "maxdiffusion_wan")
-    assert len(report.placed) == 3 * (12 if i2v else 10) + (8 if i2v else 6)
+    assert len(report.placed) == 3 * (12 if i2v else 10) + (9 if i2v else 7)
     want = _to_maxdiffusion_wan(_diffusers_fused(wan_model, WanLoraLoaderMixin, path, SCALE), WAN_CONFIG["num_layers"])
-    n_kernels = (12 if i2v else 10) + (8 if i2v else 6)
+    n_kernels = (12 if i2v else 10) + (9 if i2v else 7)
+    assert adapter["patch_embedding"]["kernel"].a.shape == (1, 2, 2, 4, 4)  # Conv3d: (kt, kh, kw, in, r)
     assert jlora.count(adapter) == n_kernels
     _assert_trees_close(jlora.fuse(wan_base, adapter, SCALE), want, wan_base, min_changed=n_kernels)
     leaf = adapter["blocks"]["attn1"]["query"]["kernel"]
@@ -488,6 +490,25 @@ def test_maxdiffusion_wan_on_nnx_state(wan_model, wan_base, tmp_path):
     _assert_trees_close(fused, want, wan_base, min_changed=7)
 
 
+def test_maxdiffusion_wan_layers_fused_weights_equal_diffusers(wan_model, tmp_path):
+    """`scan_layers=False`: one subtree per layer (`blocks/<i>/attn1/query`), per-module leaves."""
+    n = WAN_CONFIG["num_layers"]
+    base = _to_maxdiffusion_wan(_numpy(wan_model.state_dict()), n, scan_layers=False)
+    targets = [t for t in WAN_TARGETS if "add_" not in t and "image_" not in t]
+    path = _peft_file(wan_model, WanLoraLoaderMixin, tmp_path, targets, rank_pattern={"ffn.net.2": 2}, seed=4)
+    adapter, report = _load(path, base, "maxdiffusion_wan_layers")
+    assert len(report.placed) == jlora.count(adapter) == 3 * 10 + 7
+    leaf = adapter["blocks"][1]["ffn"]["proj_out"]["kernel"]
+    assert leaf.a.shape == (48, 2) and leaf.b.shape == (2, _DIM)
+    want = _to_maxdiffusion_wan(_diffusers_fused(wan_model, WanLoraLoaderMixin, path, SCALE), n, scan_layers=False)
+    _assert_trees_close(jlora.fuse(base, adapter, SCALE), want, base, min_changed=3 * 10 + 7)
+    saved = jlora.save_lora_weights(tmp_path / "out", {"transformer": adapter})
+    back, original = jlora.lora_state_dict(saved), jlora.lora_state_dict(path)
+    assert sorted(back) == sorted(original)
+    for k, v in original.items():
+        np.testing.assert_allclose(back[k], v, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- detection
 
 
@@ -499,6 +520,9 @@ def test_detection_picks_each_scheme_and_only_its_own_tree(flux_base, wan_base):
     flux_md, wan_md = get_scheme("maxdiffusion_flux"), get_scheme("maxdiffusion_wan")
     assert detect_scheme(_paths(flux_base)).name == "maxdiffusion_flux"
     assert detect_scheme(_paths(wan_base)).name == "maxdiffusion_wan"
+    wan_layers = _paths({"blocks": {0: wan_base["blocks"]}, "condition_embedder": wan_base["condition_embedder"]})
+    assert detect_scheme(wan_layers).name == "maxdiffusion_wan_layers"
+    assert not wan_md.detect(wan_layers) and not get_scheme("maxdiffusion_wan_layers").detect(_paths(wan_base))
     jlora_tree = jlora_flux.param_shapes(dict(FLUX_CONFIG))
     others = {
         "jlora_flux": _paths(jlora_tree),
