@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -27,6 +28,9 @@ def init_adapter(
 ) -> PyTree:
     """A new adapter on every Dense/Conv kernel of `params` whose path matches `targets`.
 
+    3-axis kernels are taken as Dense kernels stacked over layers, `(L, in, out)` (`nn.scan`, as in
+    `jlora.models.flux`), and get one LoRA per layer; 4- and 5-axis kernels are 2-D and 3-D convs.
+
     `a` is drawn like PEFT's default (Kaiming-uniform over the input fan); `b` is
     zeros (so the adapter starts as the identity, as for training) unless `b_std > 0`.
 
@@ -45,19 +49,28 @@ def init_adapter(
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     picked = [
         i for i, (kp, x) in enumerate(flat)
-        if path_of(kp)[-1] == "kernel" and jnp.ndim(x) in (2, 4) and pattern.search("/".join(path_of(kp)))
+        if path_of(kp)[-1] == "kernel" and jnp.ndim(x) in (2, 3, 4, 5) and pattern.search("/".join(path_of(kp)))
     ]
     if not picked:
         raise JloraError(f"init_adapter: no kernel path matches targets={targets!r}.")
     keys = jax.random.split(key, 2 * len(picked))
     leaves: list = [None] * len(flat)
     for n, i in enumerate(picked):
-        shape = tuple(jnp.shape(flat[i][1]))
-        fan_in = 1
-        for d in shape[:-1]:
-            fan_in *= d
-        bound = (1.0 / fan_in) ** 0.5 * (3.0 ** 0.5)
-        a = jax.random.uniform(keys[2 * n], shape[:-1] + (rank,), jnp.float32, -bound, bound)
-        b = b_std * jax.random.normal(keys[2 * n + 1], (rank, shape[-1]), jnp.float32)
-        leaves[i] = LoraLeaf(a=a.astype(dtype), b=b.astype(dtype), alpha=jnp.float32(rank if alpha is None else alpha))
+        leaves[i] = _new_leaf(tuple(jnp.shape(flat[i][1])), keys[2 * n], keys[2 * n + 1], rank, alpha, b_std, dtype)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _new_leaf(shape: tuple[int, ...], key_a, key_b, rank: int, alpha, b_std: float, dtype) -> LoraLeaf:
+    """A LoRA for one kernel: Dense `(in, out)`, Conv `(*k, in, out)`, or layer-stacked Dense `(L, in, out)`."""
+    alpha = float(rank if alpha is None else alpha)
+    if len(shape) == 3:  # layers stacked for nn.scan: one LoRA per layer
+        layers, n_in, n_out = shape
+        bound = (3.0 / n_in) ** 0.5
+        a = jax.random.uniform(key_a, (layers, n_in, rank), jnp.float32, -bound, bound)
+        b = b_std * jax.random.normal(key_b, (layers, rank, n_out), jnp.float32)
+        return LoraLeaf(a=a.astype(dtype), b=b.astype(dtype), alpha=jnp.full((layers,), alpha, jnp.float32))
+    fan_in = math.prod(shape[:-1])
+    bound = (3.0 / fan_in) ** 0.5  # Kaiming-uniform with a = sqrt(5), as PEFT initialises lora_A
+    a = jax.random.uniform(key_a, shape[:-1] + (rank,), jnp.float32, -bound, bound)
+    b = b_std * jax.random.normal(key_b, (rank, shape[-1]), jnp.float32)
+    return LoraLeaf(a=a.astype(dtype), b=b.astype(dtype), alpha=jnp.float32(alpha))

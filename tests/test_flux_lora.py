@@ -247,3 +247,24 @@ def test_save_flux_adapter_back_to_diffusers(base, tmp_path):
         want = _torch_out(_diffusers(model, original), inputs, s)
         got = _torch_out(_diffusers(model, saved), inputs, s)
         assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_init_adapter_on_stacked_flux_saves_for_diffusers(base, tmp_path):
+    """A fresh adapter on the stacked (L, in, out) kernels (one LoRA per layer) runs in the Flax Flux,
+    saves as per-module diffusers keys, and diffusers' forward with that file equals jlora's."""
+    model, apply_fn, params = base
+    adapter = jlora.init_adapter(params, jax.random.key(3), rank=3, alpha=6.0, targets=r"qkv|linear1|img_in", b_std=0.2)
+    qkv = adapter["double_blocks"]["img_attn"]["qkv"]["kernel"]
+    layers, n_in, n_out = params["double_blocks"]["img_attn"]["qkv"]["kernel"].shape
+    assert qkv.a.shape == (layers, n_in, 3) and qkv.b.shape == (layers, 3, n_out) and qkv.alpha.shape == (layers,)
+    assert adapter["img_in"]["kernel"].a.ndim == 2
+    saved = jlora.save_lora_weights(tmp_path, {"transformer": adapter})
+    inputs = _inputs(True)
+    base_out = _torch_forward(model, inputs)
+    step = jax.jit(lambda p, a, s: apply_fn(jlora.apply(p, a, s), **_jax_args(inputs)))
+    for s in (1.0, 0.5):
+        want = _torch_out(_diffusers(model, saved), inputs, s)
+        effect = np.abs(want - base_out).max()
+        assert effect > 0.1 * np.abs(base_out).max()
+        got = np.asarray(step(params, adapter, s))
+        assert np.abs(got - want).max() <= 1e-3 * effect, (s, np.abs(got - want).max(), effect)
