@@ -45,6 +45,10 @@ class NamingSchemeError(JloraError):
     """No naming scheme fits the params tree, or a path cannot be named."""
 
 
+class UnsupportedModuleError(JloraError, NotImplementedError):
+    """A module cannot run a LoRA unmerged per sample (scanned layers, grouped convs, other module types)."""
+
+
 __all__ = [
     "JloraError",
     "LoraFileNotFoundError",
@@ -56,4 +60,5 @@ __all__ = [
     "InvalidAdapterError",
     "UnsafeFusingError",
     "NamingSchemeError",
+    "UnsupportedModuleError",
 ]

@@ -10,6 +10,9 @@ from jlora.core import delta
 from jlora.core import fuse
 from jlora.core import unfuse
 from jlora.errors import JloraError
+from jlora.hotswap import hotswap_template
+from jlora.hotswap import pad_adapter
+from jlora.hotswap import stack_adapters
 from jlora.init import init_adapter
 from jlora.leaf import AdapterLeaf
 from jlora.leaf import DiffLeaf
@@ -24,6 +27,9 @@ from jlora.loading import abstract_params
 from jlora.loading import load_lora
 from jlora.loading import load_lora_weights
 from jlora.loading import lora_state_dict
+from jlora.per_sample import NO_LORA
+from jlora.per_sample import per_sample
+from jlora.per_sample import per_sample_apply
 from jlora.saving import save_lora_weights
 from jlora.sharding import adapter_shardings
 from jlora.sharding import adapter_specs
@@ -32,6 +38,7 @@ from jlora.sharding import shard_adapter
 __version__ = "0.1.0"
 
 __all__ = [
+    "NO_LORA",
     "AdapterLeaf",
     "DiffLeaf",
     "DoraLeaf",
@@ -50,14 +57,19 @@ __all__ = [
     "delta",
     "errors",
     "fuse",
+    "hotswap_template",
     "init_adapter",
     "is_adapter_leaf",
     "load_adapters",
     "load_lora",
     "load_lora_weights",
     "lora_state_dict",
+    "pad_adapter",
+    "per_sample",
+    "per_sample_apply",
     "save_adapters",
     "save_lora_weights",
     "shard_adapter",
+    "stack_adapters",
     "unfuse",
 ]

@@ -6,10 +6,14 @@ Every figure is a ratio measured in this one run, on this machine:
     python scripts/bench.py --size tiny     # the test-suite UNet, seconds
     python scripts/bench.py --size sd15     # full SD-1.5 width (needs ~16 GB RAM, minutes on CPU)
     python scripts/bench.py --kohya-sdxl    # loading a real-size SDXL kohya file (~190 MB fp16, ~10 GB RAM)
+    python scripts/bench.py --serving       # hotswap into a warm jitted step; K LoRAs per sample in one call
 
 Rows: file -> adapters (jlora) vs diffusers' lora_state_dict + load_lora_into_unet, and vs a raw
 safetensors read; the jitted step with the LoRA applied vs the base step (and vs the fused
 params); fusing (jlora.fuse, jitted) vs diffusers' fuse_lora; the torch step with LoRA vs without.
+--serving: swapping a new LoRA into a warm jitted step (jlora.pad_adapter) vs the first call and vs
+diffusers' load_lora_adapter(hotswap=True); K LoRAs per sample in one call (jlora.per_sample) vs K
+merged calls and vs the base step.
 """
 
 from __future__ import annotations
@@ -150,10 +154,15 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--kohya-sdxl", action="store_true", help="only the real-size SDXL kohya loading benchmark")
+    parser.add_argument("--serving", action="store_true", help="only the serving benchmark (hotswap, per-sample LoRAs)")
+    parser.add_argument("--loras", type=int, default=4, help="--serving: number of LoRAs K")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.kohya_sdxl:
         bench_kohya_sdxl(args.repeat)
+        return
+    if args.serving:
+        bench_serving(args.size, args.rank, args.repeat, args.loras)
         return
 
     ref = R._unet_ref(f"bench_{args.size}", _config(args.size), 0, lambda rng: {})
@@ -211,6 +220,108 @@ def main() -> None:
     _print(
         f"\nUNet {args.size}: {n_params / 1e6:.1f} M params, LoRA rank {args.rank} on {n_modules} modules, "
         f"file {os.path.getsize(path) / 1e6:.1f} MB; jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}",
+        rows,
+    )
+
+
+def _serving_files(ref, rank: int, k: int) -> list:
+    """K PEFT LoRA files on every target module; ranks alternate rank, rank/2 (so padding matters)."""
+    tmp = tempfile.mkdtemp(prefix="jlora-bench-serving-")
+    return [
+        R.make_peft_lora_file(os.path.join(tmp, str(i)), [ref], rank=max(1, rank >> (i % 2)), alpha=rank, seed=i, pipeline="sd")
+        for i in range(k)
+    ]
+
+
+def _tile_batch(inputs: dict, times: int) -> dict:
+    return {name: np.concatenate([x] * times) for name, x in inputs.items()}
+
+
+def _bench_hotswap(ref, paths, rank, repeat) -> list:
+    """Rows: swap a new LoRA into a warm jitted step vs the first call, and vs diffusers' hotswap."""
+    from jlora import hotswap_template, pad_adapter
+
+    params, fn, inputs = ref.flax_params, R.flax_apply_fn(ref), ref.inputs
+    step = jax.jit(lambda p, a, s, inp: fn(jlora.apply(p, a, s), **inp))
+    t = time.perf_counter()
+    template = hotswap_template(params, rank, targets=[jlora.load_lora(paths[0], params, "unet")])
+    jax.block_until_ready(step(params, pad_adapter(jlora.load_lora(paths[0], params, "unet"), template), 0.8, inputs))
+    first = (time.perf_counter() - t) * 1e3
+    turn = iter(range(10**9))
+
+    def load_pad():
+        return pad_adapter(jlora.load_lora(paths[next(turn) % len(paths)], params, "unet"), template)
+
+    swap = _time(lambda: jax.block_until_ready(step(params, load_pad(), 0.8, inputs)), repeat)
+    jl = _time(lambda: jax.block_until_ready(load_pad()), repeat)
+    warm = _time(lambda: jax.block_until_ready(step(params, template, 0.8, inputs)), repeat)
+    compiles = step._cache_size()
+
+    model = copy.deepcopy(ref.torch_model)
+    model.enable_lora_hotswap(target_rank=rank)
+    name = R.LORA_WEIGHT_NAME
+    model.load_lora_adapter(os.path.dirname(paths[0]), weight_name=name, prefix="unet", adapter_name="default")
+
+    def diffusers_swap():
+        path = paths[next(turn) % len(paths)]
+        model.load_lora_adapter(os.path.dirname(path), weight_name=name, prefix="unet", adapter_name="default", hotswap=True)
+
+    dl = _time(diffusers_swap, repeat)
+    dstep = _time(lambda: R.torch_forward(model, ref, scale=0.8), repeat)
+    return [
+        ("hotswap: load+pad+step (warm) / first call (load+pad+compile+step)", swap, first, f"{compiles} compilation(s) for {len(paths)} LoRAs"),
+        ("hotswap: load+pad+step / warm step alone", swap, warm, "what a swap adds to a step"),
+        ("hotswap: jlora load+pad / diffusers load_lora_adapter(hotswap=True)", jl, dl, "file -> ready adapter"),
+        ("hotswap + step: jlora / diffusers hotswap + torch step", swap, dl + dstep, "same CPU, different frameworks"),
+    ]
+
+
+def _bench_per_sample(ref, paths, repeat) -> list:
+    """Rows: K LoRAs per sample in one call vs K merged calls, and the unmerged step vs the base step."""
+    import jax.numpy as jnp
+
+    from jlora import hotswap_template, pad_adapter, per_sample_apply, stack_adapters
+
+    params, fn, k = ref.flax_params, R.flax_apply_fn(ref), len(paths)
+    adapters = [jlora.load_lora(p, params, "unet") for p in paths]
+    template = hotswap_template(params, max(_max_rank(a) for a in adapters), targets=adapters)
+    padded = [pad_adapter(a, template) for a in adapters]
+    stacked = stack_adapters(adapters, template)
+    group = ref.inputs  # the samples of one LoRA
+    batch = _tile_batch(group, k)  # K groups: sample i uses LoRA i // len(group)
+    ids = jnp.repeat(jnp.arange(k), len(next(iter(group.values()))))
+    scales = jnp.full(ids.shape, 0.8, jnp.float32)
+    merged = jax.jit(lambda p, a, s, inp: fn(jlora.apply(p, a, s), **inp))
+    base = jax.jit(lambda p, inp: fn(p, **inp))
+    rows, times = [], {}
+    for method in ("concat", "gather"):
+        step = jax.jit(per_sample_apply(lambda p, inp: fn(p, **inp), method=method))
+        times[method] = _time(lambda: jax.block_until_ready(step(stacked, ids, scales, params, batch)), repeat)
+    separate = _time(lambda: jax.block_until_ready([merged(params, a, 0.8, group) for a in padded]), repeat)
+    one_lora = _time(lambda: jax.block_until_ready(merged(params, padded[0], 0.8, batch)), repeat)
+    plain = _time(lambda: jax.block_until_ready(base(params, batch)), repeat)
+    n = len(ids)
+    rows.append((f"per-sample: {k} LoRAs in one call (concat) / {k} merged calls", times["concat"], separate, f"batch {n} vs {k} x {n // k}"))
+    rows.append(("per-sample: gather / concat", times["gather"], times["concat"], f"K*R = {k * _max_rank(template)}"))
+    rows.append(("per-sample step (unmerged, concat) / base step", times["concat"], plain, f"same batch of {n}"))
+    rows.append(("per-sample step (concat) / one merged LoRA, same batch", times["concat"], one_lora, "cost of serving K LoRAs at once"))
+    return rows
+
+
+def _max_rank(adapter) -> int:
+    """The largest rank in an adapter tree."""
+    return max(leaf.rank for leaf in jax.tree.leaves(adapter, is_leaf=jlora.is_adapter_leaf) if leaf is not None)
+
+
+def bench_serving(size: str, rank: int, repeat: int, k: int) -> None:
+    """Hotswap and per-sample LoRA serving on one UNet, as ratios measured in this run."""
+    ref = R._unet_ref(f"bench_{size}", _config(size), 0, lambda rng: {})
+    paths = _serving_files(ref, rank, k)
+    rows = _bench_hotswap(ref, paths, rank, repeat) + _bench_per_sample(ref, paths, repeat)
+    n_params = sum(x.size for x in jax.tree.leaves(ref.flax_params))
+    _print(
+        f"\nServing on UNet {size}: {n_params / 1e6:.1f} M params, {k} LoRAs of rank {rank} / {max(1, rank // 2)} on every "
+        f"target module; jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}",
         rows,
     )
 
