@@ -45,6 +45,18 @@ class NamingSchemeError(JloraError):
     """No naming scheme fits the params tree, or a path cannot be named."""
 
 
+class CheckpointError(JloraError):
+    """A training checkpoint cannot be written or read as asked."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint (or not the requested step) in the checkpoint directory."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint does not have the structure or shapes of the restore target."""
+
+
 class UnsupportedModuleError(JloraError, NotImplementedError):
     """A module cannot run a LoRA unmerged per sample (scanned layers, grouped convs, other module types)."""
 
@@ -61,4 +73,7 @@ __all__ = [
     "UnsafeFusingError",
     "NamingSchemeError",
     "UnsupportedModuleError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointMismatchError",
 ]

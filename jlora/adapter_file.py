@@ -15,12 +15,12 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from converters.errors import CorruptFileError, KeyMismatchError
 from converters.safetensors_io import load_file, save_file
 from jlora.leaf import is_adapter_leaf
 from jlora.loading import LEAF_TYPES, path_of
+from jlora.sharding import to_host
 
 PyTree = Any
 HEADER_KEY = "jlora_adapters"
@@ -45,7 +45,7 @@ def save_adapters(path: str | os.PathLike, adapters: Mapping[str, PyTree]) -> st
                 if f.metadata.get("static"):
                     statics[f.name] = value
                 else:
-                    tensors[f"{name}/{f.name}"] = np.asarray(value)
+                    tensors[f"{name}/{f.name}"] = to_host(value)
             layout[name] = {"kind": kind, "static": statics}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(tensors, path, {HEADER_KEY: json.dumps(layout, sort_keys=True)})

@@ -18,6 +18,7 @@ from converters.sources import WEIGHT_NAME
 from jlora.errors import JloraError
 from jlora.leaf import LoraLeaf, is_adapter_leaf
 from jlora.loading import path_of
+from jlora.sharding import to_host
 
 PyTree = Any
 
@@ -59,7 +60,7 @@ def _module_factors(leaf: LoraLeaf, sources):
     columns that are non-zero for it (pieces merged on a fused kernel are zero elsewhere),
     with alpha rescaled so that alpha / rank is unchanged.
     """
-    a_all, b_all, alpha_all = np.asarray(leaf.a), np.asarray(leaf.b), np.asarray(leaf.alpha, np.float64)
+    a_all, b_all, alpha_all = to_host(leaf.a), to_host(leaf.b), to_host(leaf.alpha).astype(np.float64)
     for module, layer, cols in sources:
         a, b = (a_all, b_all) if layer is None else (a_all[layer], b_all[layer])
         alpha = float(alpha_all if alpha_all.ndim == 0 else alpha_all[layer])
@@ -123,7 +124,8 @@ def save_lora_weights(
       weight_name: file name inside the directory.
       schemes: component -> naming scheme (default: detected from each adapter tree).
       dtype: cast factors (e.g. `np.float16`) before writing.
-      is_main_process: only the main process writes (multi-host); others return the path.
+      is_main_process: only the main process writes (multi-host); others return the path. Every
+        process must call it: factors sharded across hosts are gathered first (a collective).
 
     Returns:
       The path of the written file.

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.errors import InvalidAdapterError
@@ -28,9 +29,18 @@ def _full_spec(spec: PartitionSpec, ndim: int) -> tuple:
     return entries + (None,) * (ndim - len(entries))
 
 
+def _trimmed(spec: PartitionSpec) -> PartitionSpec:
+    """`spec` without trailing `None`s: the form jit gives its outputs, so shardings compare equal."""
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
+
+
 def leaf_specs(leaf: AdapterLeaf, kernel_spec: PartitionSpec):
     """The leaf with each field replaced by its PartitionSpec, for a weight sharded as `kernel_spec`."""
-    return leaf.partition_specs(_full_spec(kernel_spec, len(leaf.shape)))
+    specs = leaf.partition_specs(_full_spec(kernel_spec, len(leaf.shape)))
+    return jax.tree.map(_trimmed, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def _leaf_sharding(leaf: AdapterLeaf, sharding):
@@ -82,3 +92,15 @@ def shard_adapter(adapter: PyTree, params: PyTree) -> PyTree:
     return jax.tree_util.tree_unflatten(
         treedef, [None if l is None else jax.device_put(l, s) for l, s in zip(leaves, target)]
     )
+
+
+def to_host(x) -> np.ndarray:
+    """`x` as a numpy array; an array sharded over several hosts is gathered first.
+
+    Every process must call it for such arrays (the gather is collective).
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
