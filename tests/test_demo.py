@@ -17,3 +17,10 @@ def test_demo_runs(tmp_path, capsys):
     flux_effect = float(re.search(r"Flux: max \|y\(scale 1\) - y\(scale 0\)\|\s+([0-9.]+)", out).group(1))
     assert flux_effect > 0.1
     assert (tmp_path / "saved" / "pytorch_lora_weights.safetensors").exists()
+    assert re.search(r"hotswap: compilations for LoRAs of rank 2, 4, 6\s+1\n", out)
+    assert re.search(r"hotswap: max \|padded rank-8 - unpadded\| \(rank 4\)\s+0.00e\+00", out)
+    per_sample = float(re.search(r"per sample: .* max \|d\| vs merged\s+([0-9.e+-]+)", out).group(1))
+    assert per_sample < 1e-4 * effect
+    first, last = map(float, re.search(r"loss first -> last\s+([0-9.]+) -> ([0-9.]+)", out).groups())
+    assert last < 0.7 * first
+    assert re.search(r"orbax checkpoint restores the same state\s+True", out)
