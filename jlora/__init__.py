@@ -30,6 +30,7 @@ from jlora.loading import lora_state_dict
 from jlora.per_sample import NO_LORA
 from jlora.per_sample import per_sample
 from jlora.per_sample import per_sample_apply
+from jlora.per_sample import per_sample_variables
 from jlora.saving import save_lora_weights
 from jlora.sharding import adapter_shardings
 from jlora.sharding import adapter_specs
@@ -67,6 +68,7 @@ __all__ = [
     "pad_adapter",
     "per_sample",
     "per_sample_apply",
+    "per_sample_variables",
     "save_adapters",
     "save_lora_weights",
     "shard_adapter",

@@ -16,17 +16,19 @@ In diffusers-Flax UNets and transformers-Flax CLIP encoders it is (attention pro
 With classifier-free guidance the UNet batch is `[uncond; cond]`, `2B` rows: pass
 `jnp.concatenate([ids, ids])` and the scales likewise (diffusers applies the LoRA to both halves).
 
-Layers run under `nn.scan` (jlora.models.flux's stacked blocks) are not supported per sample:
-the scanned module sees one layer's kernel and no layer index, so `per_sample` raises
-`UnsupportedModuleError` naming the path. Serve such models by grouping a batch by LoRA and
-calling `jlora.apply` per group, or hotswap with `pad_adapter`, which handles stacked leaves.
+Layers run under `nn.scan` (jlora.models.flux's stacked blocks, kernels `(L, in, out)`): a
+scanned module sees one layer's kernel and no layer index, so its LoRAs travel through the scan
+as the `lora` variable collection, which the scan slices per layer like its params. The scan
+must list it (`variable_axes={"params": 0, "lora": 0}`, as jlora.models.flux does) and the
+model gets `per_sample_variables(stacked)` as `variables["lora"]` (`per_sample_apply` adds it).
+Otherwise `per_sample` raises `UnsupportedModuleError` naming the path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -43,6 +45,9 @@ NO_LORA = -1
 """The adapter id of a sample that runs without LoRA (any id outside `[0, K)` does the same)."""
 
 METHODS = ("concat", "gather")
+
+COLLECTION = "lora"
+"""The linen variable collection that carries layer-stacked LoRAs through `nn.scan`."""
 
 
 def _coefficients(ids, scales, alpha, rank: int) -> jax.Array:
@@ -90,10 +95,9 @@ def _check_module(module, leaf: LoraLeaf, x, batch: int, name: str) -> None:
         )
     spatial = len(module.kernel_size) if isinstance(module, nn.Conv) else 0
     if leaf.a.ndim != spatial + 3 or leaf.b.ndim != 3:
-        raise UnsupportedModuleError(
-            f"per_sample: the LoRA at {name} (a {tuple(leaf.a.shape[1:])}, b {tuple(leaf.b.shape[1:])}) is stacked "
-            "over layers run by nn.scan; a scanned module sees one layer's kernel and no layer index. Group the "
-            "batch by LoRA and call jlora.apply per group (or hotswap with pad_adapter) for this model."
+        raise ShapeMismatchError(
+            f"per_sample: the LoRA at {name} (a {tuple(leaf.a.shape[1:])}, b {tuple(leaf.b.shape[1:])}) does not fit "
+            f"a {type(module).__name__} with {spatial} spatial axes; build the adapters from this model's params."
         )
     if isinstance(module, nn.Conv) and (module.feature_group_count != 1 or module.mask is not None):
         raise UnsupportedModuleError(f"per_sample: {name} is a grouped or masked conv; merge its LoRA with jlora.apply.")
@@ -145,6 +149,47 @@ def _batch_arrays(ids, scales, k: int):
     return ids, scales
 
 
+def _layer_stacked(leaf: LoraLeaf) -> bool:
+    """A stacked adapter's leaf on a layer-stacked kernel: a `(K, L, in, R)`, b `(K, L, R, out)`."""
+    return leaf.b.ndim == 4
+
+
+def per_sample_variables(stacked: PyTree) -> dict:
+    """The `lora` collection for models that scan their layers: each layer-stacked leaf of `stacked`
+    with the layer axis first (`a (L, K, in, R)`, `b (L, K, R, out)`, `alpha (L, K)`), at its module's path.
+
+    Pass it as `variables["lora"]` next to `variables["params"]` (`per_sample_apply` does); the
+    model's `nn.scan` must slice it (`variable_axes={"params": 0, "lora": 0}`).
+    """
+    out: dict = {}
+    for path, leaf in _flat(stacked)[0]:
+        if leaf is None or not _layer_stacked(leaf):
+            continue
+        node = out
+        for key in path[:-2]:
+            node = node.setdefault(key, {})
+        node[path[-2]] = {"a": jnp.moveaxis(leaf.a, 1, 0), "b": jnp.moveaxis(leaf.b, 1, 0), "alpha": jnp.moveaxis(leaf.alpha, 1, 0)}
+    return out
+
+
+def _layer_slice(module, leaf: LoraLeaf, name: str) -> LoraLeaf:
+    """This layer's factors of a layer-stacked leaf, from the `lora` collection the scan sliced."""
+    if not all(module.has_variable(COLLECTION, f) for f in ("a", "b", "alpha")):
+        raise UnsupportedModuleError(
+            f"per_sample: the LoRA at {name} (a {tuple(leaf.a.shape[1:])}) is stacked over layers run by nn.scan, "
+            f"and the module has no {COLLECTION!r} variables for its layer. Give the scan "
+            f"variable_axes={{'params': 0, {COLLECTION!r}: 0}} (jlora.models.flux does) and pass "
+            f"per_sample_variables(stacked) as variables[{COLLECTION!r}] (per_sample_apply does)."
+        )
+    a, b, alpha = (module.get_variable(COLLECTION, f) for f in ("a", "b", "alpha"))
+    if a.shape[0] != leaf.a.shape[0] or a.shape[1:] != leaf.a.shape[2:] or b.shape[1:] != leaf.b.shape[2:]:
+        raise ShapeMismatchError(
+            f"per_sample: {name}: the {COLLECTION!r} variables (a {tuple(a.shape)}, b {tuple(b.shape)}) are not this "
+            "stacked adapter's layer slices; build them with per_sample_variables(stacked)."
+        )
+    return LoraLeaf(a=a, b=b, alpha=alpha)
+
+
 @contextlib.contextmanager
 def per_sample(stacked: PyTree, ids, scales=1.0, *, method: str = "concat", strict: bool = True):
     """Run a linen model with LoRA `ids[i]` at `scales[i]` on sample i, unmerged, in one call.
@@ -194,6 +239,8 @@ def per_sample(stacked: PyTree, ids, scales=1.0, *, method: str = "concat", stri
         if leaf is None:
             return next_fun(*args, **kwargs)
         x = jnp.asarray(args[0] if args else kwargs["inputs"])  # nn.Dense / nn.Conv take `inputs`
+        if _layer_stacked(leaf):
+            leaf = _layer_slice(module, leaf, _name(module.path + ("kernel",)))
         _check_module(module, leaf, x, ids.shape[0], _name(module.path + ("kernel",)))
         if isinstance(x, jax.core.Tracer) and not isinstance(ids, jax.core.Tracer):
             raise InvalidAdapterError(
@@ -226,7 +273,10 @@ def per_sample_apply(apply_fn, *, method: str = "concat", strict: bool = True):
     """`apply_fn` with per-sample LoRAs: `fn(stacked, ids, scales, *args, **kwargs)`.
 
     The wrapped call runs `apply_fn(*args, **kwargs)` inside `per_sample(stacked, ids, scales)`;
-    jit it, and new ids, scales and adapters of the same shapes reuse the compiled step.
+    jit it, and new ids, scales and adapters of the same shapes reuse the compiled step. When
+    `stacked` has layer-stacked leaves, the first argument (the variables dict, or a params tree
+    that `apply_fn` accepts as `{"params": ...}`) gets `per_sample_variables(stacked)` as its
+    `lora` collection.
 
     >>> step = jax.jit(jlora.per_sample_apply(unet.apply))
     >>> y = step(stacked, ids, scales, {"params": params}, x, t, c).sample
@@ -234,6 +284,15 @@ def per_sample_apply(apply_fn, *, method: str = "concat", strict: bool = True):
 
     @functools.wraps(apply_fn)
     def fn(stacked, ids, scales, *args, **kwargs):
+        layers = per_sample_variables(stacked)
+        if layers:  # layer-stacked LoRAs ride in the `lora` collection, sliced by the model's scan
+            if not args or not isinstance(args[0], Mapping):
+                raise InvalidAdapterError(
+                    "per_sample_apply: the adapters have layer-stacked LoRAs, which go in as the variables' "
+                    f"{COLLECTION!r} collection; the wrapped function must take the variables (or params) dict first."
+                )
+            variables = args[0] if "params" in args[0] else {"params": args[0]}
+            args = ({**variables, COLLECTION: layers},) + args[1:]
         with per_sample(stacked, ids, scales, method=method, strict=strict):
             return apply_fn(*args, **kwargs)
 

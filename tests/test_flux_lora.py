@@ -268,3 +268,27 @@ def test_init_adapter_on_stacked_flux_saves_for_diffusers(base, tmp_path):
         assert effect > 0.1 * np.abs(base_out).max()
         got = np.asarray(step(params, adapter, s))
         assert np.abs(got - want).max() <= 1e-3 * effect, (s, np.abs(got - want).max(), effect)
+
+
+def test_per_sample_loras_on_stacked_flux_match_diffusers(base, tmp_path):
+    """Two Flux LoRAs and no LoRA, each on its own samples of one batch, through the scanned, fused
+    Flax Flux (layer slices via the `lora` collection), against diffusers with each file loaded."""
+    model, apply_fn, params = base
+    files = [_peft_file(model, tmp_path / "a", seed=21), _peft_file(model, tmp_path / "b", seed=22, rank=2, alpha=3)]
+    stacked = jlora.stack_adapters([jlora.load_lora_weights(f, {"transformer": params}, family="flux")["transformer"]
+                                    for f in files])
+    inputs = _inputs(True)  # two samples; the batch below is [s0, s1, s0, s1]
+    batch = {k: v if v is None or k.endswith("_ids") else torch.cat([v, v]) for k, v in inputs.items()}
+    ids, scales = [0, 1, 1, jlora.NO_LORA], [1.0, 0.6, 1.0, 0.0]
+    step = jax.jit(jlora.per_sample_apply(apply_fn))
+    got = np.asarray(step(stacked, jax.numpy.array(ids), jax.numpy.array(scales), params, **_jax_args(batch)))
+    base_out = _torch_forward(model, inputs)
+    refs = {k: _diffusers(model, f) for k, f in enumerate(files)}
+    for i, (k, s) in enumerate(zip(ids, scales)):
+        if k == jlora.NO_LORA:
+            np.testing.assert_allclose(got[i], base_out[i % 2], atol=1e-4 * np.abs(base_out).max())
+            continue
+        want = _torch_out(refs[k], inputs, s)[i % 2]
+        effect = np.abs(want - base_out[i % 2]).max()
+        assert effect > 0.3 * np.abs(base_out).max()
+        assert np.abs(got[i] - want).max() <= 1e-3 * effect, (i, np.abs(got[i] - want).max(), effect)

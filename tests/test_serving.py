@@ -374,15 +374,23 @@ def test_per_sample_with_concrete_ids_under_jit_is_an_error(unet, adapters):
         jax.jit(baked)(unet.flax_params, unet.inputs)
 
 
-def test_per_sample_on_scanned_layers_is_unsupported(flux_params):
+def test_per_sample_on_scanned_layers_needs_the_lora_collection(flux_params):
+    """Scanned modules get their layer's LoRA from the `lora` collection; without it the error says how."""
     params = flux_params
     path = ("double_blocks", "img_attn", "qkv")
     stacked = stack_adapters([_stacked_lora(params, path, 2, 0), _stacked_lora(params, path, 3, 1)])
-    x, txt, pooled = jnp.ones((2, 4, 16)), jnp.ones((2, 3, 32)), jnp.ones((2, 32))
-    step = jax.jit(per_sample_apply(flux.make_apply(FLUX)))
-    with pytest.raises(UnsupportedModuleError, match="double_blocks/img_attn/qkv/kernel.*nn.scan.*jlora.apply per group"):
-        step(stacked, jnp.array([0, 1]), 1.0, params, x, txt, pooled, jnp.ones(2), jnp.zeros((4, 3)), jnp.zeros((3, 3)))
+    args = (jnp.ones((2, 4, 16)), jnp.ones((2, 3, 32)), jnp.ones((2, 32)), jnp.ones(2), jnp.zeros((4, 3)), jnp.zeros((3, 3)))
+    apply_fn = flux.make_apply(FLUX)
+
+    def without_collection(stacked, ids, p, *a):
+        with per_sample(stacked, ids, 1.0):
+            return apply_fn(p, *a)
+
+    with pytest.raises(UnsupportedModuleError, match="double_blocks/img_attn/qkv/kernel.*nn.scan.*per_sample_variables"):
+        jax.jit(without_collection)(stacked, jnp.array([0, 1]), params, *args)
     assert issubclass(UnsupportedModuleError, errors.JloraError)
+    out = jax.jit(per_sample_apply(apply_fn))(stacked, jnp.array([0, 1]), 1.0, params, *args)  # with it: runs
+    assert out.shape == (2, 4, 16)
 
 
 def test_per_sample_rejects_other_modules_and_unvisited_leaves(clip, adapters):

@@ -281,7 +281,7 @@ class _SingleBlock(nn.Module):
 def _stack(block, length):
     return nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "lora": 0},  # "lora": per-sample LoRAs (jlora.per_sample)
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,
@@ -344,7 +344,8 @@ def _call(model: FluxTransformer, params, hidden_states, encoder_hidden_states, 
         raise FluxInputError("this Flux model has guidance_embeds=True: pass `guidance` (B,), e.g. 3.5 per sample.")
     if not model.config.guidance_embeds and guidance is not None:
         raise FluxInputError("this Flux model has guidance_embeds=False: pass guidance=None.")
-    return model.apply({"params": params}, hidden_states, encoder_hidden_states, pooled_projections, timestep,
+    variables = params if "params" in params else {"params": params}  # {"params", "lora"}: jlora.per_sample_apply
+    return model.apply(variables, hidden_states, encoder_hidden_states, pooled_projections, timestep,
                        img_ids, txt_ids, guidance)
 
 
