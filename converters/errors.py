@@ -17,6 +17,14 @@ class CorruptFileError(JloraError):
     """The file is not a readable safetensors file (truncated, bad header, bad offsets)."""
 
 
+class ModelFileNotFoundError(JloraError, FileNotFoundError):
+    """A model folder, config or weight file of a base checkpoint could not be found."""
+
+
+class UnsupportedModelError(JloraError):
+    """A checkpoint's config asks for an architecture or option the JAX model does not have."""
+
+
 class UnsafeFileError(JloraError):
     """Reading the file would execute code (pickle) and the caller did not allow it."""
 
@@ -65,6 +73,8 @@ __all__ = [
     "JloraError",
     "LoraFileNotFoundError",
     "CorruptFileError",
+    "ModelFileNotFoundError",
+    "UnsupportedModelError",
     "UnsafeFileError",
     "UnsupportedFormatError",
     "KeyMismatchError",

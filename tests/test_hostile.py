@@ -234,13 +234,6 @@ def header_json_string(env):
 
 
 @case(errors.CorruptFileError)
-def header_entry_not_an_object(env):
-    header = {**crafted_header(), A_KEY: ["F32", [4, 32], [0, 512]]}
-    path = write_raw(env.path("entry_list.safetensors"), header, DATA)
-    return lambda: env.load(path), [path, A_KEY], []
-
-
-@case(errors.CorruptFileError)
 def overlapping_offsets(env):
     path = write_raw(env.path("overlap.safetensors"), crafted_header(b={"data_offsets": [256, 768]}), DATA)
     return lambda: env.load(path), [path, A_KEY, B_KEY, "overlap"], []

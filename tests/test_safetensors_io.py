@@ -102,3 +102,58 @@ def test_truncated_real_file(tmp_path):
     path.write_bytes(raw[: len(raw) - 7])
     with pytest.raises(CorruptFileError, match="truncated"):
         safetensors_io.load_file(path)
+
+
+def test_reads_exactly_what_the_safetensors_library_reads(tmp_path):
+    """Validity is the library's: a header entry written as a positional list is read as it reads it."""
+    path = tmp_path / "positional.safetensors"
+    data = np.arange(8, dtype=np.float32)
+    header = {"w": ["F32", [2, 4], [0, 32]], "v": {"dtype": "F32", "shape": [2], "data_offsets": [32, 40]}}
+    _write_raw(path, json.dumps(header).encode(), data.tobytes() + data[:2].tobytes())
+    ours, _ = safetensors_io.load_file(path)
+    ref = safetensors.numpy.load_file(str(path))
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        np.testing.assert_array_equal(ours[k], ref[k])
+
+
+@pytest.mark.parametrize("case", ["duplicate_key", "two_metadata", "metadata_list"])
+def test_header_ambiguities_are_refused(tmp_path, case):
+    path = tmp_path / f"{case}.safetensors"
+    entry = '{"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
+    raw = {
+        "duplicate_key": '{"w": %s, "w": %s}' % (entry, entry),
+        "two_metadata": '{"__metadata__": {"a": "1"}, "w": %s, "__metadata__": {"a": "2"}}' % entry,
+        "metadata_list": '{"__metadata__": [], "w": %s}' % entry,
+    }[case]
+    _write_raw(path, raw.encode(), b"\0" * 8)
+    with pytest.raises(CorruptFileError) as e:
+        safetensors_io.load_file(path)
+    assert str(path) in str(e.value)
+
+
+def test_lazy_slices_read_only_the_block(tmp_path):
+    path = tmp_path / "big.safetensors"
+    w = np.arange(6 * 10, dtype=np.float32).reshape(6, 10)
+    safetensors.numpy.save_file({"w": w}, str(path))
+    with safetensors_io.open_file(path) as f:
+        assert f.shape("w") == (6, 10) and f.dtype("w") == np.float32
+        np.testing.assert_array_equal(f.read("w", (slice(2, 4), slice(3, 7))), w[2:4, 3:7])
+        np.testing.assert_array_equal(f.read("w", (slice(5, 6),)), w[5:6])
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink_loop"])
+def test_only_regular_files_are_opened(tmp_path, kind):
+    import os
+
+    path = tmp_path / "x.safetensors"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink(tmp_path / "y.safetensors", path)
+        os.symlink(path, tmp_path / "y.safetensors")
+    with pytest.raises(CorruptFileError) as e:  # a FIFO would block open() forever
+        safetensors_io.load_file(path)
+    assert str(path) in str(e.value)
