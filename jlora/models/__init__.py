@@ -1,7 +1,13 @@
-"""Flax models that jlora's adapters target, with converters from diffusers weights."""
+"""Flax models that jlora's adapters target, with loaders for their base weights."""
 
 from jlora.models import flux
+from jlora.models.checkpoint import component_spec
+from jlora.models.checkpoint import fsdp_shardings
+from jlora.models.checkpoint import load_component
 
 __all__ = [
+    "component_spec",
     "flux",
+    "fsdp_shardings",
+    "load_component",
 ]
