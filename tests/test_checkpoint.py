@@ -4,6 +4,7 @@ References: diffusers' and transformers' own torch -> Flax converters (tests/ref
 same weights, and the torch models' forwards where no converter exists (Flux-style VAE, Flux).
 """
 
+import copy
 import json
 import os
 
@@ -57,8 +58,7 @@ def test_equals_the_libraries_own_conversion(saved, name):
 def test_index_json_shards_and_bf16(saved, tmp_path):
     root, refs = saved
     ref = refs["unet_xl"]
-    ref.torch_model.to(torch.bfloat16).save_pretrained(tmp_path / "unet", max_shard_size="200KB")
-    ref.torch_model.to(torch.float32)
+    copy.deepcopy(ref.torch_model).to(torch.bfloat16).save_pretrained(tmp_path / "unet", max_shard_size="200KB")
     files = os.listdir(tmp_path / "unet")
     assert "diffusion_pytorch_model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
     _, params = C.load_component(tmp_path, "unet", dtype=jnp.bfloat16)
