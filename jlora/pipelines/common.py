@@ -1,0 +1,274 @@
+"""What the SD, SDXL and Flux pipelines share: requests, tokenizers, LoRA sets, latents, images.
+
+A `Request` is one image to make (prompt, LoRAs with weights, seed, size, steps, guidance). A
+batch of requests runs as one jitted call when they share size, step count and guidance mode;
+their LoRA sets may differ. Each distinct LoRA set (files and weights) becomes one adapter per
+component (`jlora.combine`); the sets of a batch are stacked (`jlora.stack_adapters`) and every
+sample runs with its own through `jlora.per_sample`, at its own `lora_scale`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jlora
+from converters.errors import ModelFileNotFoundError, UnsupportedModelError
+from jlora.errors import JloraError
+
+PyTree = Any
+logger = logging.getLogger("jlora.pipelines")
+
+_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
+
+
+class RequestError(JloraError, ValueError):
+    """A generation request has a field of the wrong type or value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    """One LoRA file of a request and its weight (diffusers' `set_adapters` weight)."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One image: prompt, optional negative prompt, LoRAs, seed, size, steps and guidance.
+
+    `lora_scale` is the call scale of all of the request's LoRAs (diffusers'
+    `cross_attention_kwargs={"scale": s}` / `joint_attention_kwargs`), each file also has its weight.
+    `None` for steps/guidance/size means the pipeline's default.
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    loras: tuple[Lora, ...] = ()
+    lora_scale: float = 1.0
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+
+    @staticmethod
+    def of(record: Mapping[str, Any]) -> "Request":
+        """A request from a JSON object (a prompts-file line); unknown or mistyped fields raise `RequestError`."""
+        if not isinstance(record, Mapping):
+            raise RequestError(f"a request must be a JSON object, got {type(record).__name__}.")
+        fields = {f.name for f in dataclasses.fields(Request)}
+        unknown = sorted(set(record) - fields)
+        if unknown:
+            raise RequestError(f"unknown request fields {unknown}; known: {sorted(fields)}.")
+        if not isinstance(record.get("prompt"), str):
+            raise RequestError("a request needs 'prompt', a string.")
+        out = dict(record)
+        if out.get("negative_prompt") is not None and not isinstance(out["negative_prompt"], str):
+            raise RequestError("'negative_prompt' must be a string or null.")
+        out["loras"] = tuple(_lora_of(x) for x in _list(out.get("loras", []), "loras"))
+        for key, kind in (("lora_scale", float), ("guidance", float), ("seed", int), ("steps", int), ("width", int),
+                          ("height", int)):
+            if out.get(key) is not None:
+                out[key] = _number(out[key], key, kind)
+        for key in ("steps", "width", "height"):
+            if out.get(key) is not None and out[key] < 1:
+                raise RequestError(f"'{key}' must be >= 1, got {out[key]}.")
+        return Request(**out)
+
+    def record(self) -> dict:
+        """The request as a JSON-ready dict (the sidecar's fields)."""
+        d = dataclasses.asdict(self)
+        d["loras"] = [dataclasses.asdict(x) for x in self.loras]
+        return d
+
+
+def _list(value, key):
+    if not isinstance(value, (list, tuple)):
+        raise RequestError(f"'{key}' must be a list, got {type(value).__name__}.")
+    return value
+
+
+def _number(value, key, kind):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise RequestError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}.")
+    if not np.isfinite(value):
+        raise RequestError(f"'{key}' must be finite, got {value!r}.")
+    return kind(value)
+
+
+def _lora_of(x) -> Lora:
+    if isinstance(x, str):
+        return Lora(x)
+    if isinstance(x, Mapping) and isinstance(x.get("path"), str) and set(x) <= {"path", "weight"}:
+        return Lora(x["path"], _number(x.get("weight", 1.0), "weight", float))
+    raise RequestError(f"each of 'loras' must be a path or {{'path': str, 'weight': number}}, got {x!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Folders and tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from `path`; typed errors for a missing or malformed file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ModelFileNotFoundError(f"{path}: no such file.") from None
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"{path}: not a JSON file ({type(e).__name__}: {e}).") from None
+    if not isinstance(data, dict):
+        raise UnsupportedModelError(f"{path}: not a JSON object.")
+    return data
+
+
+def load_tokenizer(directory: str):
+    """The transformers tokenizer saved in `directory`, of the class its `tokenizer_config.json` names."""
+    import transformers
+
+    config = read_json(os.path.join(directory, "tokenizer_config.json"))
+    name = config.get("tokenizer_class")
+    if name not in _TOKENIZERS:
+        raise UnsupportedModelError(f"{directory}: tokenizer class {name!r} is not one of {list(_TOKENIZERS)}.")
+    try:
+        return getattr(transformers, name).from_pretrained(directory)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelFileNotFoundError(f"{directory}: cannot load the {name} ({type(e).__name__}: {e}).") from None
+
+
+def tokenize(tokenizer, prompts: Sequence[str], max_length: int, what: str = "prompt") -> np.ndarray:
+    """`(B, max_length)` int32 ids padded to `max_length`; over-long prompts are truncated with a warning
+    naming the dropped text, as diffusers does."""
+    out = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True)
+    full = tokenizer(list(prompts), padding="longest")
+    for i, (ids, whole) in enumerate(zip(out["input_ids"], full["input_ids"])):
+        if len(whole) > max_length and whole[:max_length] != ids:
+            dropped = tokenizer.batch_decode([whole[max_length - 1 : -1]])[0]
+            logger.warning("%s %d is longer than %d tokens; truncated, dropping: %r", what, i, max_length, dropped)
+    return np.asarray(out["input_ids"], np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA sets
+# --------------------------------------------------------------------------------------------
+
+
+def lora_key(request: Request) -> tuple:
+    """The LoRA set of a request: its files and weights (requests with equal keys share an adapter)."""
+    return tuple((os.path.abspath(x.path), float(x.weight)) for x in request.loras)
+
+
+class LoraCache:
+    """Loads each LoRA file once per pipeline and combines the sets requests ask for.
+
+    `files[path]` is `{component: adapter}`; `sets[key]` the combined adapters of one set.
+    """
+
+    def __init__(self, params: Mapping[str, PyTree], family: str):
+        self.params, self.family = params, family
+        self.files: dict[str, dict] = {}
+        self.sets: dict[tuple, dict] = {}
+
+    def file(self, path: str) -> dict:
+        if path not in self.files:
+            self.files[path] = jlora.load_lora_weights(path, dict(self.params), family=self.family)
+        return self.files[path]
+
+    def adapters(self, key: tuple) -> dict:
+        """`{component: combined adapter or None}` of a LoRA set."""
+        if key not in self.sets:
+            files = [self.file(p) for p, _ in key]
+            weights = [w for _, w in key]
+            self.sets[key] = {c: _combine([f[c] for f in files], weights) for c in self.params}
+        return self.sets[key]
+
+
+def _combine(adapters: list, weights: list):
+    present = [(a, w) for a, w in zip(adapters, weights) if a is not None and jlora.count(a)]
+    if not present:
+        return None
+    return jlora.combine([a for a, _ in present], [w for _, w in present])
+
+
+def batch_loras(cache: LoraCache, requests: Sequence[Request]) -> dict:
+    """`{component: (stacked, ids, scales) or None}` for one batch: the batch's distinct LoRA sets,
+    stacked; sample i uses set `ids[i]` (`jlora.NO_LORA` without LoRA) at `scales[i]`."""
+    keys = [lora_key(r) for r in requests]
+    distinct = list(dict.fromkeys(k for k in keys if k))
+    out = {}
+    for component in cache.params:
+        per_set = [cache.adapters(k)[component] for k in distinct]
+        if not any(a is not None for a in per_set):
+            out[component] = None
+            continue
+        used = [a for a in per_set if a is not None]
+        template = jlora.hotswap_template(cache.params[component], max(_max_rank(a) for a in used),
+                                          used, dtype=jnp.float32)
+        stacked = jlora.stack_adapters([a if a is not None else _empty_like(template) for a in per_set], template)
+        ids, scales = [], []
+        for k, r in zip(keys, requests):
+            has = bool(k) and per_set[distinct.index(k)] is not None
+            ids.append(distinct.index(k) if has else jlora.NO_LORA)
+            scales.append(float(r.lora_scale) if has else 0.0)
+        out[component] = (stacked, np.asarray(ids, np.int32), np.asarray(scales, np.float32))
+    return out
+
+
+def _max_rank(adapter) -> int:
+    leaves = jax.tree.leaves(adapter, is_leaf=jlora.is_adapter_leaf)
+    return max(int(leaf.rank) for leaf in leaves if leaf is not None)
+
+
+def _empty_like(template):
+    """An adapter of `template`'s targets whose every leaf is absent (a set without this component)."""
+    return jax.tree.map(lambda leaf: None, template, is_leaf=jlora.is_adapter_leaf)
+
+
+def doubled(lora):
+    """The per-sample LoRA of a `[uncond; cond]` batch: the ids and scales twice."""
+    if lora is None:
+        return None
+    stacked, ids, scales = lora
+    return stacked, jnp.concatenate([ids, ids]), jnp.concatenate([scales, scales])
+
+
+def call(apply_fn, lora, variables, *args, **kwargs):
+    """`apply_fn(variables, *args, **kwargs)`, with per-sample LoRAs when `lora` is `(stacked, ids, scales)`."""
+    if lora is None:
+        return apply_fn(variables, *args, **kwargs)
+    stacked, ids, scales = lora
+    return jlora.per_sample_apply(apply_fn)(stacked, ids, scales, variables, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Latents and images
+# --------------------------------------------------------------------------------------------
+
+
+def seeded_normal(seeds: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
+    """`(len(seeds), *shape)` float32 unit normals, sample i from `jax.random.key(seeds[i])` alone, so an
+    image does not depend on the batch it ran in."""
+    return np.stack([np.asarray(jax.random.normal(jax.random.key(int(s)), shape, jnp.float32)) for s in seeds])
+
+
+def to_uint8(images) -> np.ndarray:
+    """`(B, H, W, 3)` floats in [0, 1] as uint8, rounded as diffusers' `numpy_to_pil`."""
+    return np.asarray(np.round(np.asarray(images, np.float32) * 255), np.uint8)
+
+
+def uniform(requests: Sequence[Request], field: str, default):
+    """The one value of `field` in a batch (None means `default`); raises when requests disagree."""
+    values = {getattr(r, field) if getattr(r, field) is not None else default for r in requests}
+    if len(values) != 1:
+        raise RequestError(f"one batch must share '{field}', got {sorted(values)}; group requests by it.")
+    return values.pop()
