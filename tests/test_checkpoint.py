@@ -140,6 +140,24 @@ def test_flux_transformer_matches_torch(tmp_path):
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_t5_encoder_matches_torch(tmp_path, dtype):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                    relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                    feed_forward_proj="gated-gelu")).eval()
+    model.save_pretrained(tmp_path / "text_encoder_2")
+    flax_model, params = C.load_component(tmp_path, "text_encoder_2", dtype=dtype)
+    ids = np.random.default_rng(0).integers(0, 64, (2, 12))
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).last_hidden_state.numpy()
+    got = np.asarray(jax.jit(lambda p, x: flax_model.apply({"params": p}, x))(params, ids), np.float32)
+    tol = 1e-5 if dtype is None else 5e-2
+    np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=0)
+
+
 def test_errors_are_typed(saved, tmp_path):
     root, _ = saved
     with pytest.raises(errors.ModelFileNotFoundError, match="no config.json"):

@@ -11,6 +11,7 @@
   AutoencoderKL                  diffusers `FlaxAutoencoderKL`                    diffusers_flax
   CLIPTextModel                  transformers `FlaxCLIPTextModel`                 torch_mirror
   CLIPTextModelWithProjection    transformers `FlaxCLIPTextModelWithProjection`   torch_mirror
+  T5EncoderModel                 `jlora.models.t5.T5Encoder`                      torch_mirror
   FluxTransformer2DModel         `jlora.models.flux.FluxTransformer`              jlora_flux
   =============================  ===============================================  ===============
 
@@ -122,6 +123,14 @@ def _transformers(flax_class: str, config_class: str, input_shape: Callable[[Any
     return build
 
 
+def _t5(config, dtype) -> Spec:
+    from jlora.models import t5
+
+    cfg = t5.T5Config.of(config)
+    return Spec("T5EncoderModel", config, t5.T5Encoder(cfg, dtype or jnp.float32),
+                t5.param_shapes(cfg, dtype or jnp.float32), "torch_mirror")
+
+
 def _flux(config, dtype) -> Spec:
     from jlora.models import flux
 
@@ -136,6 +145,7 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any], Any], Spec]] = {
     "CLIPTextModel": _transformers("FlaxCLIPTextModel", "CLIPTextConfig", lambda c: (1, c.max_position_embeddings)),
     "CLIPTextModelWithProjection": _transformers("FlaxCLIPTextModelWithProjection", "CLIPTextConfig",
                                                  lambda c: (1, c.max_position_embeddings)),
+    "T5EncoderModel": _t5,
     "FluxTransformer2DModel": _flux,
 }
 

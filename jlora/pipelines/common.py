@@ -261,6 +261,13 @@ def seeded_normal(seeds: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
     return np.stack([np.asarray(jax.random.normal(jax.random.key(int(s)), shape, jnp.float32)) for s in seeds])
 
 
+def nhwc(latents: jax.Array) -> jax.Array:
+    """`(B, C, H, W)` latents as `(B, H, W, C)`, the layout FlaxAutoencoderKL.decode takes without guessing
+    (it transposes only when the last axis differs from its latent channels, so a grid as wide as the
+    channel count would otherwise be misread)."""
+    return latents.transpose(0, 2, 3, 1)
+
+
 def to_uint8(images) -> np.ndarray:
     """`(B, H, W, 3)` floats in [0, 1] as uint8, rounded as diffusers' `numpy_to_pil`."""
     return np.asarray(np.round(np.asarray(images, np.float32) * 255), np.uint8)

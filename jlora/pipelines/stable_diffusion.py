@@ -158,7 +158,7 @@ class StableDiffusion:
         vae, factor = self.vae, self.vae_scaling_factor
 
         def decode(params, latents):
-            image = vae.apply({"params": params}, (latents / factor).astype(self.dtype), method=vae.decode).sample
+            image = vae.apply({"params": params}, common.nhwc(latents / factor).astype(self.dtype), method=vae.decode).sample
             return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
         return jax.jit(decode)
