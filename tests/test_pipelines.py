@@ -70,7 +70,8 @@ def test_images_match_diffusers_without_lora(family, jax_pipe):
     assert np.abs(got - want).max() <= TOL
 
 
-def test_images_match_diffusers_with_lora(family, jax_pipe):
+@pytest.mark.parametrize("mode", ["merged", "per_sample"])
+def test_images_match_diffusers_with_lora(family, jax_pipe, mode):
     latents = P.initial_latents(family, len(PROMPTS), SIZE, SIZE, seed=1)
     pipe = P.torch_pipeline(family)
     base = _torch_images(family, pipe, PROMPTS, latents)
@@ -78,7 +79,8 @@ def test_images_match_diffusers_with_lora(family, jax_pipe):
     _load(pipe, path, "style")
     want = _torch_images(family, pipe, PROMPTS, latents, scale=0.7)
     assert np.abs(want - base).max() > 30 * TOL
-    got = _generate(family, jax_pipe, _requests(PROMPTS, loras=(Lora(path),), lora_scale=0.7), latents)
+    got = jax_pipe.generate(_requests(PROMPTS, loras=(Lora(path),), lora_scale=0.7), latents=latents,
+                            default_guidance=GUIDANCE[family], lora_mode=mode)
     assert np.abs(got - want).max() <= TOL
 
 

@@ -200,11 +200,51 @@ def _combine(adapters: list, weights: list):
     return jlora.combine([a for a, _ in present], [w for _, w in present])
 
 
-def batch_loras(cache: LoraCache, requests: Sequence[Request]) -> dict:
-    """`{component: (stacked, ids, scales) or None}` for one batch: the batch's distinct LoRA sets,
-    stacked; sample i uses set `ids[i]` (`jlora.NO_LORA` without LoRA) at `scales[i]`."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Merged:
+    """One LoRA set for a whole batch, merged into the weights (`jlora.apply`) once per call.
+
+    Any adapter leaf works (LoHa, LoKr, DoRA...), unlike per-sample LoRAs, which need plain LoRA leaves.
+    """
+
+    adapter: PyTree
+    scale: jax.Array
+
+
+def lora_only(adapters: Mapping[str, PyTree | None]) -> bool:
+    """Whether every leaf of a set's adapters is a plain `LoraLeaf` (so it can run per sample)."""
+    return all(isinstance(leaf, jlora.LoraLeaf) for a in adapters.values() if a is not None
+               for leaf in jax.tree.leaves(a, is_leaf=jlora.is_adapter_leaf) if leaf is not None)
+
+
+def batch_loras(cache: LoraCache, requests: Sequence[Request], mode: str = "auto") -> dict:
+    """`{component: lora or None}` for one batch.
+
+    `mode="per_sample"`: the batch's distinct LoRA sets stacked, `(stacked, ids, scales)`; sample i uses
+    set `ids[i]` (`jlora.NO_LORA` without LoRA) at `scales[i]`. `mode="merged"`: all requests share
+    one set and scale, given as `Merged`. `"auto"` merges when the batch has a single set and scale,
+    else runs per sample.
+    """
     keys = [lora_key(r) for r in requests]
     distinct = list(dict.fromkeys(k for k in keys if k))
+    single = len(set(keys)) == 1 and len({r.lora_scale for r in requests}) == 1
+    if mode == "auto":
+        mode = "merged" if single else "per_sample"
+    if mode == "merged":
+        if not single:
+            raise RequestError("merged LoRAs need one LoRA set and lora_scale per batch; group requests by them.")
+        if not distinct:
+            return {c: None for c in cache.params}
+        sets = cache.adapters(distinct[0])
+        scale = jnp.float32(requests[0].lora_scale)
+        return {c: (Merged(a, scale) if a is not None else None) for c, a in sets.items()}
+    if mode != "per_sample":
+        raise ValueError(f"mode must be 'auto', 'per_sample' or 'merged', got {mode!r}.")
+    for k in distinct:
+        if not lora_only(cache.adapters(k)):
+            raise RequestError("a LoRA set with LoHa/LoKr/DoRA/full-weight leaves cannot run per sample; give it "
+                               "its own batch (one LoRA set per batch merges it into the weights).")
     out = {}
     for component in cache.params:
         per_set = [cache.adapters(k)[component] for k in distinct]
@@ -235,11 +275,18 @@ def _empty_like(template):
 
 
 def doubled(lora):
-    """The per-sample LoRA of a `[uncond; cond]` batch: the ids and scales twice."""
-    if lora is None:
-        return None
+    """The LoRA of a `[uncond; cond]` batch: per-sample ids and scales twice (merged ones as they are)."""
+    if lora is None or isinstance(lora, Merged):
+        return lora
     stacked, ids, scales = lora
     return stacked, jnp.concatenate([ids, ids]), jnp.concatenate([scales, scales])
+
+
+def resolve(params: PyTree, lora):
+    """`(params, per-sample lora or None)`: a `Merged` LoRA is folded into the params (inside `jit`)."""
+    if isinstance(lora, Merged):
+        return jlora.apply(params, lora.adapter, lora.scale), None
+    return params, lora
 
 
 def call(apply_fn, lora, variables, *args, **kwargs):
@@ -253,6 +300,50 @@ def call(apply_fn, lora, variables, *args, **kwargs):
 # --------------------------------------------------------------------------------------------
 # Latents and images
 # --------------------------------------------------------------------------------------------
+
+
+_STEP_HANDLERS: list = []
+
+
+def report_step(i) -> None:
+    """Inside a jitted sampling loop: tell the host that step `i` finished (for progress bars)."""
+    jax.debug.callback(_on_step, i)
+
+
+def _on_step(i) -> None:
+    for handler in list(_STEP_HANDLERS):
+        handler(int(i))
+
+
+def progress_enabled() -> bool:
+    return bool(_STEP_HANDLERS)
+
+
+class on_step:
+    """Context manager: call `handler(i)` after each denoising step of the pipelines' loops.
+
+    >>> with on_step(lambda i: bar.update(1)):
+    ...     images = pipe.generate(requests)
+    """
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def __enter__(self):
+        _STEP_HANDLERS.append(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        _STEP_HANDLERS.remove(self.handler)
+
+
+def batch_put(latents, sharding) -> jax.Array:
+    """float32 latents on `sharding` when the batch divides over it (else left for `jit` to place)."""
+    x = jnp.asarray(latents, jnp.float32)
+    if sharding is None:
+        return x
+    n = sharding.mesh.shape[sharding.spec[0]] if getattr(sharding, "spec", None) else 1
+    return jax.device_put(x, sharding) if x.shape[0] % n == 0 else x
 
 
 def seeded_normal(seeds: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:

@@ -72,6 +72,7 @@ class Flux:
     max_sequence_length: int = 512
     dtype: Any = jnp.float32
     family: str = "flux"
+    data_sharding: Any = None  # where a batch's latents go (e.g. NamedSharding(mesh, P("data")))
 
     @classmethod
     def load(cls, path: str, *, dtype=None, shardings=None, max_sequence_length: int | None = None) -> "Flux":
@@ -108,7 +109,8 @@ class Flux:
 
         def encode(params, clip_ids, t5_ids, loras):
             position = jnp.broadcast_to(jnp.arange(clip_ids.shape[-1]), clip_ids.shape)
-            out = common.call(clip.module.apply, loras.get("text_encoder"), {"params": params["text_encoder"]},
+            p, lora = common.resolve(params["text_encoder"], loras.get("text_encoder"))
+            out = common.call(clip.module.apply, lora, {"params": p},
                               clip_ids, jnp.ones_like(clip_ids), position, deterministic=True)
             hidden = t5.apply({"params": params["text_encoder_2"]}, t5_ids)
             return hidden, out.pooler_output
@@ -119,16 +121,20 @@ class Flux:
     def _denoise_fn(self):
         apply_fn = flux_model.make_apply(self.transformer.config, self.dtype)
 
-        def denoise(params, lora, sched, latents, txt, pooled, img_ids, txt_ids, guidance):
+        def denoise(params, lora, sched, latents, txt, pooled, img_ids, txt_ids, guidance, progress: bool):
+            params, lora = common.resolve(params, lora)
+
             def body(i, x):
                 t = jnp.broadcast_to(schedulers.timestep(sched, i), (x.shape[0],)) / 1000
                 v = common.call(apply_fn, lora, {"params": params}, x.astype(self.dtype), txt, pooled, t, img_ids,
                                 txt_ids, guidance)
+                if progress:
+                    common.report_step(i)
                 return schedulers.step(sched, v.astype(jnp.float32), i, x)
 
             return jax.lax.fori_loop(0, sched.num_steps, body, latents)
 
-        return jax.jit(denoise)
+        return jax.jit(denoise, static_argnames="progress")
 
     @functools.cached_property
     def _decode_fn(self):
@@ -152,7 +158,7 @@ class Flux:
 
     def generate(self, requests: Sequence[common.Request], lora_cache: common.LoraCache | None = None,
                  latents: np.ndarray | None = None, *, default_steps: int = 28,
-                 default_guidance: float = 3.5) -> np.ndarray:
+                 default_guidance: float = 3.5, lora_mode: str = "auto") -> np.ndarray:
         """Images `(B, H, W, 3)` float32 in [0, 1] for requests sharing size and steps.
 
         `latents` (B, h/2 * w/2, 4C) packed overrides the seeded initial noise (diffusers' `latents=`).
@@ -166,7 +172,7 @@ class Flux:
             raise common.RequestError(f"height and width must be multiples of {step}, got {height}x{width}.")
         h, w = self.latent_hw(height, width)
         cache = lora_cache or common.LoraCache(self.lora_params, self.family)
-        loras = common.batch_loras(cache, requests)
+        loras = common.batch_loras(cache, requests, lora_mode)
         txt, pooled = self.encode_prompts([r.prompt for r in requests], {"text_encoder": loras["text_encoder"]})
         channels = int(self.transformer.config.in_channels) // 4
         if latents is None:
@@ -179,7 +185,8 @@ class Flux:
             guidance = jnp.asarray([r.guidance if r.guidance is not None else default_guidance for r in requests],
                                    jnp.float32)
         txt_ids = jnp.zeros((txt.shape[1], 3), jnp.float32)
-        out = self._denoise_fn(self.params["transformer"], loras["transformer"], sched, jnp.asarray(latents, jnp.float32),
-                               txt.astype(self.dtype), pooled.astype(self.dtype), jnp.asarray(image_ids(h, w)), txt_ids,
-                               guidance)
+        out = self._denoise_fn(self.params["transformer"], loras["transformer"], sched,
+                               common.batch_put(latents, self.data_sharding), txt.astype(self.dtype),
+                               pooled.astype(self.dtype), jnp.asarray(image_ids(h, w)), txt_ids, guidance,
+                               progress=common.progress_enabled())
         return np.asarray(self._decode_fn(self.params["vae"], out, h, w))

@@ -70,6 +70,7 @@ class StableDiffusion:
     force_zeros_for_empty_prompt: bool = True
     scheduler: str | None = None  # override of the scheduler class
     dtype: Any = jnp.float32
+    data_sharding: Any = None  # where a batch's latents go (e.g. NamedSharding(mesh, P("data")))
 
     @classmethod
     def load(cls, path: str, *, dtype=None, shardings=None, scheduler: str | None = None) -> "StableDiffusion":
@@ -121,7 +122,8 @@ class StableDiffusion:
             for i, (model, tokens) in enumerate(zip(encoders, ids)):
                 name = ["text_encoder", "text_encoder_2"][i]
                 position = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
-                out = common.call(model.module.apply, loras.get(name), {"params": params[name]}, tokens,
+                p, lora = common.resolve(params[name], loras.get(name))
+                out = common.call(model.module.apply, lora, {"params": p}, tokens,
                                   jnp.ones_like(tokens), position, deterministic=True, output_hidden_states=sdxl)
                 hidden.append(out.hidden_states[-2] if sdxl else out.last_hidden_state)
                 if sdxl and i == 1:
@@ -134,7 +136,9 @@ class StableDiffusion:
     def _denoise_fn(self):
         unet = self.unet
 
-        def denoise(params, lora, sched, latents, context, added, guidance, cfg: bool):
+        def denoise(params, lora, sched, latents, context, added, guidance, cfg: bool, progress: bool):
+            params, lora = common.resolve(params, lora)
+
             def model(x, t):
                 return common.call(unet.apply, lora, {"params": params}, x, t, context, added, train=False).sample
 
@@ -147,11 +151,13 @@ class StableDiffusion:
                 if cfg:
                     uncond, cond = jnp.split(eps, 2)
                     eps = uncond + guidance[:, None, None, None] * (cond - uncond)
+                if progress:
+                    common.report_step(i)
                 return schedulers.step(sched, eps, i, x)
 
             return jax.lax.fori_loop(0, sched.num_steps, body, latents * sched.init_noise_sigma)
 
-        return jax.jit(denoise, static_argnames="cfg")
+        return jax.jit(denoise, static_argnames=("cfg", "progress"))
 
     @functools.cached_property
     def _decode_fn(self):
@@ -171,10 +177,11 @@ class StableDiffusion:
 
     def generate(self, requests: Sequence[common.Request], lora_cache: common.LoraCache | None = None,
                  latents: np.ndarray | None = None, *, default_steps: int = 30,
-                 default_guidance: float | None = None) -> np.ndarray:
+                 default_guidance: float | None = None, lora_mode: str = "auto") -> np.ndarray:
         """Images `(B, H, W, 3)` float32 in [0, 1] for requests sharing size, steps and guidance mode.
 
         `latents` (B, C, H/8, W/8) overrides the seeded initial noise (diffusers' `latents=`).
+        `lora_mode`: see `common.batch_loras`. Default guidance: 7.5 (SD), 5.0 (SDXL).
         """
         requests = list(requests)
         default_guidance = default_guidance if default_guidance is not None else (5.0 if self.family == "sdxl" else 7.5)
@@ -187,7 +194,7 @@ class StableDiffusion:
         if any(bool(g > 1) != cfg for g in guidance):
             raise common.RequestError("one batch must be all with guidance > 1 or all without; group requests by it.")
         cache = lora_cache or common.LoraCache(self.lora_params, self.family)
-        loras = common.batch_loras(cache, requests)
+        loras = common.batch_loras(cache, requests, lora_mode)
         text_loras = {n: loras[n] for n in self.encoder_names}
         context, pooled = self.encode_prompts([r.prompt for r in requests], text_loras)
         added = None
@@ -208,6 +215,7 @@ class StableDiffusion:
         if latents is None:
             latents = common.seeded_normal([r.seed for r in requests], self.latent_shape(height, width))
         unet_lora = common.doubled(loras["unet"]) if cfg else loras["unet"]
-        out = self._denoise_fn(self.params["unet"], unet_lora, sched, jnp.asarray(latents, jnp.float32),
-                               context.astype(self.dtype), added, jnp.asarray(guidance), cfg=cfg)
+        out = self._denoise_fn(self.params["unet"], unet_lora, sched, common.batch_put(latents, self.data_sharding),
+                               context.astype(self.dtype), added, jnp.asarray(guidance), cfg=cfg,
+                               progress=common.progress_enabled())
         return np.asarray(self._decode_fn(self.params["vae"], out))
