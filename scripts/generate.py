@@ -1,142 +1,120 @@
-"""Batch generation with LoRAs on jlora's Flax Flux: a flow-matching Euler loop, sharded over devices.
+"""Batch text-to-image with LoRAs: a diffusers checkpoint folder and a prompts file in, PNGs out.
 
-    python scripts/generate.py --lora style.safetensors --scale 0.8 --batch 8 --steps 8 --out latents.npy
-    python scripts/generate.py --transformer /path/to/FLUX.1-dev/transformer --lora a.safetensors --lora b.safetensors \\
-        --weights 0.7 0.5 --prompt-embeds embeds.npz --height 128 --width 128
+    python scripts/generate.py --model path/to/stable-diffusion-xl-base-1.0 --prompts prompts.jsonl \\
+        --out images/ --dtype bfloat16
 
-Without `--transformer` a tiny random Flux is built (a smoke run). Text conditioning comes from
-`--prompt-embeds` (an .npz with `encoder_hidden_states` (B, S, joint_attention_dim) and
-`pooled_projections` (B, pooled_projection_dim), e.g. from a text-encoder run elsewhere) or is random.
-Several `--lora` files are combined with `--weights` (as diffusers' `set_adapters`); the call scale is
-a traced argument, so `--scale` values share one compiled step. The batch is split over all devices
-(data parallel, params and adapters replicated). Prints a timing table (LoRA applied per step vs the
-same step on fused params) and writes the final packed latents.
+`prompts.jsonl` holds one request per line, e.g.
+
+    {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "seed": 7, "steps": 30, "guidance": 5.0,
+     "width": 1024, "height": 1024, "loras": [{"path": "style.safetensors", "weight": 0.8}], "lora_scale": 1.0}
+
+Only `prompt` is required. Each line N gives `out/NNNNNN.png` and `out/NNNNNN.json`; `out/contact_sheet.png`
+shows them all; a rerun skips images whose sidecar matches. Prompts with different LoRAs share a batch
+(per-sample LoRAs, text encoders included). The devices form a mesh with a `data` axis (the batch) and
+a `model` axis (`--fsdp`, weights split FSDP-style; by default all devices for Flux, 1 for SD/SDXL).
+Exit status: 0 when every image was made or skipped, 1 when any request failed, 2 on a usage or model error.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import json
+import logging
 import os
 import sys
-import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jlora
-from converters.safetensors_io import load_file
-from jlora.models import flux
-
-TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6))
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def load_transformer(directory: str | None, seed: int):
-    """(config, apply_fn, params) from a diffusers transformer folder, or a tiny random Flux."""
-    if directory is None:
-        return TINY, flux.make_apply(TINY), flux.init_params(TINY, jax.random.key(seed))
-    with open(os.path.join(directory, "config.json")) as f:
-        config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    state_dict = {}
-    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
-        state_dict.update(load_file(path)[0])
-    apply_fn, params = flux.from_diffusers(state_dict, config)
-    return config, apply_fn, params
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a diffusers pipeline folder (model_index.json)")
+    p.add_argument("--prompts", required=True, help="JSONL file, one request per line")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="params and compute dtype")
+    p.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
+    p.add_argument("--steps", type=int, default=None, help="steps for requests without 'steps' (SD 30, Flux 28)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance for requests without 'guidance'")
+    p.add_argument("--fsdp", type=int, default=None, help="size of the mesh's model axis (divides the device count)")
+    p.add_argument("--lora-mode", choices=("auto", "per_sample", "merged"), default="auto",
+                   help="per-sample LoRAs, or LoRAs merged per batch (batches then group by LoRA set)")
+    p.add_argument("--scheduler", default=None, help="SD/SDXL: DDIMScheduler or EulerDiscreteScheduler instead of the folder's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
 
 
-def image_ids(height: int, width: int) -> np.ndarray:
-    """Flux's (frame, row, col) position ids of a height x width grid of packed latent tokens."""
-    ids = np.zeros((height, width, 3), np.float32)
-    ids[..., 1] = np.arange(height)[:, None]
-    ids[..., 2] = np.arange(width)[None, :]
-    return ids.reshape(height * width, 3)
+def make_mesh(fsdp: int | None, family: str):
+    """A (data, model) mesh over all devices."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    devices = jax.devices()
+    n = len(devices)
+    model = fsdp if fsdp is not None else (n if family == "flux" else 1)
+    if model < 1 or n % model:
+        raise ValueError(f"--fsdp {model} must divide the {n} devices.")
+    return Mesh(np.array(devices).reshape(n // model, model), ("data", "model"))
 
 
-def sample(step, params, adapter, scale, noise, txt, pooled, img_ids, txt_ids, guidance, steps: int):
-    """Euler integration of the flow from t=1 (noise) to t=0 with `steps` equal steps."""
-    sigmas = np.linspace(1.0, 0.0, steps + 1, dtype=np.float32)
-    x = noise
-    for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
-        t = jnp.full((x.shape[0],), s0, x.dtype)
-        v = step(params, adapter, scale, x, txt, pooled, t, img_ids, txt_ids, guidance)
-        x = x + (s1 - s0) * v
-    return x
+def _bars(enabled: bool):
+    if not enabled:
+        return None, None
+    from tqdm.auto import tqdm
+
+    return (lambda n: tqdm(total=n, desc="batches", unit="batch"),
+            lambda n: tqdm(total=n, desc="steps", unit="step", leave=False))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transformer", default=None, help="a diffusers FluxTransformer2DModel folder (config.json + safetensors)")
-    parser.add_argument("--lora", action="append", default=[], help="LoRA file (repeat for several)")
-    parser.add_argument("--weights", type=float, nargs="*", default=None, help="one weight per --lora")
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--height", type=int, default=8, help="packed latent rows (image height / 16)")
-    parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--guidance", type=float, default=3.5)
-    parser.add_argument("--prompt-embeds", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="latents.npy")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    config, apply_fn, params = load_transformer(args.transformer, args.seed)
-    cfg = flux.FluxConfig.of(config)
-    loaded = [jlora.load_lora_weights(f, {"transformer": params}, family="flux")["transformer"] for f in args.lora]
-    if not loaded:
-        adapter = jax.tree.map(lambda _: None, params)
-    else:
-        adapter = jlora.combine(loaded, args.weights or [1.0] * len(loaded))
+    from converters.errors import ModelFileNotFoundError, UnsupportedModelError
+    from jlora.errors import JloraError
+    from jlora.models import bytes_per_device, fsdp
+    from jlora.pipelines import batch, family_of, load_pipeline
 
-    rng = np.random.default_rng(args.seed)
-    n_img, b = args.height * args.width, args.batch
-    if args.prompt_embeds:
-        embeds = np.load(args.prompt_embeds)
-        txt, pooled = embeds["encoder_hidden_states"][:b], embeds["pooled_projections"][:b]
-    else:
-        txt = rng.standard_normal((b, 16, cfg.joint_attention_dim)).astype(np.float32)
-        pooled = rng.standard_normal((b, cfg.pooled_projection_dim)).astype(np.float32)
-    noise = rng.standard_normal((b, n_img, cfg.in_channels)).astype(np.float32)
-    guidance = np.full((b,), args.guidance, np.float32) if cfg.guidance_embeds else None
-
-    n_dev = jax.device_count()
-    if b % n_dev:
-        print(f"batch {b} does not split over {n_dev} devices; use a multiple of {n_dev}", file=sys.stderr)
+    try:
+        if os.path.isfile(args.model):
+            raise ModelFileNotFoundError(f"{args.model}: a single file; pass the diffusers pipeline folder "
+                                         "(with model_index.json).")
+        family = family_of(args.model)
+        mesh = make_mesh(args.fsdp, family)
+        shard = fsdp(mesh, "model")
+        pipe = load_pipeline(args.model, dtype=getattr(jnp, args.dtype) if args.dtype != "float32" else None,
+                             shardings=lambda component: shard,
+                             **({"scheduler": args.scheduler} if args.scheduler and family != "flux" else {}))
+        pipe.data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        items = batch.read_prompts(args.prompts)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    batch = NamedSharding(mesh, P("data"))
-    noise, txt, pooled = (jax.device_put(x, batch) for x in (noise, txt, pooled))
-    guidance = None if guidance is None else jax.device_put(guidance, batch)
-    img_ids, txt_ids = image_ids(args.height, args.width), np.zeros((txt.shape[1], 3), np.float32)
-
-    step = jax.jit(lambda p, a, s, x, c, y, t, i, j, g: apply_fn(jlora.apply(p, a, s), x, c, y, t, i, j, g))
-    timings = {}
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(sample(step, params, adapter, args.scale, noise, txt, pooled, img_ids, txt_ids, guidance, args.steps))
-    timings["first run (compile + sample)"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(sample(step, params, adapter, args.scale, noise, txt, pooled, img_ids, txt_ids, guidance, args.steps))
-    timings["LoRA applied in every step"] = time.perf_counter() - t0
-    fused = jlora.fuse(params, adapter, args.scale)
-    none = jax.tree.map(lambda _: None, params)
-    jax.block_until_ready(sample(step, fused, none, 1.0, noise, txt, pooled, img_ids, txt_ids, guidance, 1))
-    t0 = time.perf_counter()
-    out_fused = jax.block_until_ready(sample(step, fused, none, 1.0, noise, txt, pooled, img_ids, txt_ids, guidance, args.steps))
-    timings["fused params"] = time.perf_counter() - t0
-    diff = float(jnp.abs(out - out_fused).max())
-
-    np.save(args.out, np.asarray(out))
-    print(f"{b} samples x {args.steps} steps, {n_img} tokens, {len(args.lora)} LoRA(s), scale {args.scale}, "
-          f"{n_dev} {jax.devices()[0].platform} devices -> {args.out}")
-    for name, seconds in timings.items():
-        print(f"  {name:<32} {seconds * 1e3:9.1f} ms")
-    print(f"  {'applied / fused time':<32} {timings['LoRA applied in every step'] / timings['fused params']:9.2f}x")
-    print(f"  {'max |applied - fused| latents':<32} {diff:9.2e}")
-    return 0
+    except (ModelFileNotFoundError, UnsupportedModelError, JloraError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    per_device = bytes_per_device(pipe.params)
+    most = max(per_device.values()) if per_device else 0
+    print(f"{family} from {args.model}: mesh data={mesh.shape['data']} x model={mesh.shape['model']} "
+          f"({len(per_device)} {next(iter(per_device)).platform} devices), parameters {most / 2**30:.2f} GiB "
+          f"per device (largest), {sum(per_device.values()) / 2**30:.2f} GiB in all")
+    print(f"{len(items)} requests in {args.prompts}")
+    batch_bar, step_bar = _bars(not args.no_progress)
+    summary = batch.run(pipe, items, args.out, model=os.path.abspath(args.model), batch=args.batch, steps=args.steps,
+                        guidance=args.guidance, batch_bar=batch_bar, step_bar=step_bar, lora_mode=args.lora_mode)
+    for message in summary.failed:
+        print(f"failed: {message}", file=sys.stderr)
+    print(f"{len(summary.made)} made, {len(summary.skipped)} skipped (already made), {len(summary.failed)} failed; "
+          f"images in {args.out}")
+    return 1 if summary.failed else 0
 
 
 if __name__ == "__main__":

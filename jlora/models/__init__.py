@@ -1,13 +1,17 @@
 """Flax models that jlora's adapters target, with loaders for their base weights."""
 
 from jlora.models import flux
+from jlora.models.checkpoint import bytes_per_device
 from jlora.models.checkpoint import component_spec
+from jlora.models.checkpoint import fsdp
 from jlora.models.checkpoint import fsdp_shardings
 from jlora.models.checkpoint import load_component
 
 __all__ = [
+    "bytes_per_device",
     "component_spec",
     "flux",
+    "fsdp",
     "fsdp_shardings",
     "load_component",
 ]

@@ -203,6 +203,17 @@ def component_spec(path: str | os.PathLike, component: str | None = None, *, dty
     return spec
 
 
+def fsdp_spec(shape: tuple[int, ...], n: int, axis: str = "model", *, min_size: int = 2**14) -> PartitionSpec:
+    """The FSDP partition of one weight: its largest dimension that `n` divides goes on `axis`."""
+    spec = [None] * len(shape)
+    if n > 1 and int(np.prod(shape)) >= min_size:
+        for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[d] % n == 0:
+                spec[d] = axis
+                break
+    return PartitionSpec(*spec)
+
+
 def fsdp_shardings(shapes: PyTree, mesh: jax.sharding.Mesh, axis: str = "model", *, min_size: int = 2**14) -> PyTree:
     """NamedShardings that split each weight over mesh axis `axis` (FSDP-style), the rest replicated.
 
@@ -210,18 +221,22 @@ def fsdp_shardings(shapes: PyTree, mesh: jax.sharding.Mesh, axis: str = "model",
     than `min_size` elements, or no such dimension, are replicated.
     """
     n = mesh.shape[axis]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n, axis, min_size=min_size)), shapes)
 
-    def one(x):
-        spec = [None] * len(x.shape)
-        if n > 1 and int(np.prod(x.shape)) >= min_size:
-            dims = sorted(range(len(x.shape)), key=lambda d: -x.shape[d])
-            for d in dims:
-                if x.shape[d] % n == 0:
-                    spec[d] = axis
-                    break
-        return NamedSharding(mesh, PartitionSpec(*spec))
 
-    return jax.tree.map(one, shapes)
+def fsdp(mesh: jax.sharding.Mesh, axis: str = "model", *, min_size: int = 2**14) -> Callable:
+    """`shardings=` for `load_component`: `f(path, shape_dtype) -> NamedSharding`, as `fsdp_shardings`."""
+    n = mesh.shape[axis]
+    return lambda path, x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n, axis, min_size=min_size))
+
+
+def bytes_per_device(tree: PyTree) -> dict:
+    """`{device: bytes}` of the array shards of `tree` that each addressable device holds."""
+    out: dict = {}
+    for x in jax.tree.leaves(tree):
+        for shard in getattr(x, "addressable_shards", []):
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
 
 
 def _sharding_for(shardings, path, x) -> Sharding:

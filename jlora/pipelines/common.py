@@ -21,7 +21,7 @@ import numpy as np
 
 import jlora
 from converters.errors import ModelFileNotFoundError, UnsupportedModelError
-from jlora.errors import JloraError
+from jlora.errors import JloraError, KeyMismatchError
 
 PyTree = Any
 logger = logging.getLogger("jlora.pipelines")
@@ -154,8 +154,13 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int, what: str = "pr
     for i, (ids, whole) in enumerate(zip(out["input_ids"], full["input_ids"])):
         if len(whole) > max_length and whole[:max_length] != ids:
             dropped = tokenizer.batch_decode([whole[max_length - 1 : -1]])[0]
-            logger.warning("%s %d is longer than %d tokens; truncated, dropping: %r", what, i, max_length, dropped)
+            logger.warning("%s %r is longer than %d tokens; truncated, dropping: %r", what, _short(prompts[i]),
+                           max_length, dropped)
     return np.asarray(out["input_ids"], np.int32)
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +186,13 @@ class LoraCache:
 
     def file(self, path: str) -> dict:
         if path not in self.files:
-            self.files[path] = jlora.load_lora_weights(path, dict(self.params), family=self.family)
+            adapters, report = jlora.load_lora_weights(path, dict(self.params), family=self.family, return_report=True)
+            check_family(report, self.family, path)
+            ignored = sorted(set(report.skipped.values()))
+            if ignored:
+                logger.warning("%s: its %s LoRA keys are not used (this pipeline applies LoRAs to %s).", path,
+                               "/".join(ignored), ", ".join(self.params))
+            self.files[path] = adapters
         return self.files[path]
 
     def adapters(self, key: tuple) -> dict:
@@ -191,6 +202,21 @@ class LoraCache:
             weights = [w for _, w in key]
             self.sets[key] = {c: _combine([f[c] for f in files], weights) for c in self.params}
         return self.sets[key]
+
+
+def check_family(report, family: str, path: str) -> None:
+    """Raise `KeyMismatchError` when a LoRA file has keys for components `family`'s pipelines do not have
+    (a Flux LoRA given to SDXL, say), or places nothing at all."""
+    from converters import get_family
+
+    components = set(get_family(family).components)
+    foreign = sorted({c for c in report.skipped.values()} - components)
+    if foreign:
+        n = sum(1 for c in report.skipped.values() if c in foreign)
+        raise KeyMismatchError(f"{path}: {n} keys are for {'/'.join(foreign)}, which {family} pipelines do not "
+                               f"have (components: {sorted(components)}); the LoRA is for another model family.")
+    if not report.placed:
+        raise KeyMismatchError(f"{path}: no key of this {report.format} file targets this {family} model.")
 
 
 def _combine(adapters: list, weights: list):
