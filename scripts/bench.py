@@ -7,6 +7,7 @@ Every figure is a ratio measured in this one run, on this machine:
     python scripts/bench.py --size sd15     # full SD-1.5 width (needs ~16 GB RAM, minutes on CPU)
     python scripts/bench.py --kohya-sdxl    # loading a real-size SDXL kohya file (~190 MB fp16, ~10 GB RAM)
     python scripts/bench.py --serving       # hotswap into a warm jitted step; K LoRAs per sample in one call
+    python scripts/bench.py --generate      # images/s, N prompts over K LoRAs: per-sample vs grouped vs diffusers
 
 Rows: file -> adapters (jlora) vs diffusers' lora_state_dict + load_lora_into_unet, and vs a raw
 safetensors read; the jitted step with the LoRA applied vs the base step (and vs the fused
@@ -14,6 +15,9 @@ params); fusing (jlora.fuse, jitted) vs diffusers' fuse_lora; the torch step wit
 --serving: swapping a new LoRA into a warm jitted step (jlora.pad_adapter) vs the first call and vs
 diffusers' load_lora_adapter(hotswap=True); K LoRAs per sample in one call (jlora.per_sample) vs K
 merged calls and vs the base step.
+--generate: text-to-image on a tiny saved SD pipeline (tests/pipelines_ref.py), N prompts spread over K
+LoRA files: jlora with per-sample LoRAs in mixed batches, jlora with batches grouped by LoRA (merged,
+one compiled step reused across LoRAs), and diffusers' torch pipeline grouped by LoRA (`set_adapters`).
 """
 
 from __future__ import annotations
@@ -155,9 +159,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--kohya-sdxl", action="store_true", help="only the real-size SDXL kohya loading benchmark")
     parser.add_argument("--serving", action="store_true", help="only the serving benchmark (hotswap, per-sample LoRAs)")
-    parser.add_argument("--loras", type=int, default=4, help="--serving: number of LoRAs K")
+    parser.add_argument("--loras", type=int, default=4, help="--serving/--generate: number of LoRAs K")
+    parser.add_argument("--generate", action="store_true", help="only the image-generation benchmark")
+    parser.add_argument("--prompts", type=int, default=16, help="--generate: number of prompts N")
+    parser.add_argument("--batch", type=int, default=8, help="--generate: batch size")
+    parser.add_argument("--steps", type=int, default=10, help="--generate: denoising steps")
+    parser.add_argument("--resolution", type=int, default=64, help="--generate: image height and width")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.generate:
+        bench_generate(args.prompts, args.loras, args.batch, args.steps, args.resolution, max(1, args.repeat // 3))
+        return
     if args.kohya_sdxl:
         bench_kohya_sdxl(args.repeat)
         return
@@ -331,6 +343,55 @@ def _diffusers_load(model, path):
 
     state_dict, alphas, metadata = M.lora_state_dict(os.path.dirname(path), weight_name=os.path.basename(path), return_lora_metadata=True)
     M.load_lora_into_unet(state_dict, alphas, model, metadata=metadata)
+
+
+
+def bench_generate(n: int, k: int, batch: int, steps: int, size: int, repeat: int) -> None:
+    """Images/s for `n` prompts over `k` LoRAs: per-sample batches, LoRA-grouped batches, diffusers."""
+    import pipelines_ref as P
+
+    from jlora.pipelines import Lora, Request, load_pipeline
+    from jlora.pipelines.common import LoraCache
+
+    directory = P.pipeline_dir("sd")
+    loras = [P.lora_file("sd", seed=i) for i in range(k)]
+    requests = [Request(f"a photo of a cat {i}", loras=(Lora(loras[i % k]),), seed=i, steps=steps, width=size,
+                        height=size, guidance=5.0) for i in range(n)]
+    pipe = load_pipeline(directory)
+    cache = LoraCache(pipe.lora_params, pipe.family)  # files loaded once, as a serving loop keeps them
+
+    def mixed():
+        for i in range(0, n, batch):
+            jax.block_until_ready(pipe.generate(requests[i : i + batch], cache, lora_mode="per_sample"))
+
+    groups = [[r for r in requests if r.loras[0].path == path] for path in loras]
+
+    def grouped():
+        for g in groups:
+            for i in range(0, len(g), batch):
+                jax.block_until_ready(pipe.generate(g[i : i + batch], cache, lora_mode="merged"))
+
+    torch_pipe = P.torch_pipeline("sd")
+    for i, path in enumerate(loras):
+        torch_pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=f"l{i}")
+
+    def diffusers_grouped():
+        for j, g in enumerate(groups):
+            torch_pipe.set_adapters([f"l{j}"])
+            for i in range(0, len(g), batch):
+                torch_pipe([r.prompt for r in g[i : i + batch]], height=size, width=size, num_inference_steps=steps,
+                           guidance_scale=5.0, output_type="np")
+
+    t_mixed, t_grouped, t_torch = (_time(f, repeat) for f in (mixed, grouped, diffusers_grouped))
+    rate = lambda ms: n / (ms / 1e3)  # noqa: E731
+    print(f"\ntext-to-image, tiny SD pipeline ({size}x{size}, {steps} steps, CFG): {n} prompts over {k} LoRAs, "
+          f"batch {batch}; jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}\n")
+    rows = [("jlora per-sample LoRAs (mixed batches)", t_mixed), ("jlora grouped by LoRA (merged, hotswap)", t_grouped),
+            ("diffusers torch grouped by LoRA (set_adapters)", t_torch)]
+    w = max(len(r[0]) for r in rows)
+    print(f"{'run':<{w}}  {'ms':>9}  {'images/s':>9}  {'vs diffusers':>12}")
+    for name, ms in rows:
+        print(f"{name:<{w}}  {ms:9.1f}  {rate(ms):9.2f}  {t_torch / ms:12.2f}")
 
 
 if __name__ == "__main__":

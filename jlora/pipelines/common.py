@@ -183,6 +183,7 @@ class LoraCache:
         self.params, self.family = params, family
         self.files: dict[str, dict] = {}
         self.sets: dict[tuple, dict] = {}
+        self.stacks: dict[tuple, PyTree] = {}
 
     def file(self, path: str) -> dict:
         if path not in self.files:
@@ -194,6 +195,17 @@ class LoraCache:
                                "/".join(ignored), ", ".join(self.params))
             self.files[path] = adapters
         return self.files[path]
+
+    def stacked(self, component: str, keys: tuple) -> PyTree:
+        """The adapters of LoRA sets `keys` on `component`, stacked for `jlora.per_sample` (cached)."""
+        if (component, keys) not in self.stacks:
+            per_set = [self.adapters(k)[component] for k in keys]
+            used = [a for a in per_set if a is not None]
+            template = jlora.hotswap_template(self.params[component], max(_max_rank(a) for a in used), used,
+                                              dtype=jnp.float32)
+            self.stacks[(component, keys)] = jlora.stack_adapters(
+                [a if a is not None else _empty_like(template) for a in per_set], template)
+        return self.stacks[(component, keys)]
 
     def adapters(self, key: tuple) -> dict:
         """`{component: combined adapter or None}` of a LoRA set."""
@@ -277,10 +289,7 @@ def batch_loras(cache: LoraCache, requests: Sequence[Request], mode: str = "auto
         if not any(a is not None for a in per_set):
             out[component] = None
             continue
-        used = [a for a in per_set if a is not None]
-        template = jlora.hotswap_template(cache.params[component], max(_max_rank(a) for a in used),
-                                          used, dtype=jnp.float32)
-        stacked = jlora.stack_adapters([a if a is not None else _empty_like(template) for a in per_set], template)
+        stacked = cache.stacked(component, tuple(distinct))
         ids, scales = [], []
         for k, r in zip(keys, requests):
             has = bool(k) and per_set[distinct.index(k)] is not None
