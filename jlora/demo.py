@@ -132,6 +132,39 @@ def _training_rows(unet, params, y_teacher, out: str, inputs) -> list[tuple[str,
     ]
 
 
+def _image_rows(out: str) -> tuple[list[tuple[str, str]], str]:
+    """A tiny random SD pipeline makes one image per LoRA set, all in one per-sample batch; PNGs in out/images."""
+    from jlora.pipelines import Lora, Request, common, images, tiny
+
+    pipe = tiny.tiny_sd(os.path.join(out, "tiny_sd"))
+    files = []
+    for i, name in enumerate(("style_a", "style_b")):
+        unet_lora = jlora.init_adapter(pipe.params["unet"], jax.random.key(20 + i), rank=4, alpha=4.0, targets=TARGETS,
+                                       b_std=0.3)
+        te_lora = jlora.init_adapter(pipe.params["text_encoder"], jax.random.key(30 + i), rank=4, alpha=4.0,
+                                     targets=r"(q|k|v|out)_proj|fc[12]", b_std=0.3)
+        files.append(jlora.save_lora_weights(os.path.join(out, name), {"unet": unet_lora, "text_encoder": te_lora}))
+    sets = {"no_lora": (), "style_a": (Lora(files[0]),), "style_b": (Lora(files[1]),),
+            "a_0.5+b_0.5": (Lora(files[0], 0.5), Lora(files[1], 0.5))}
+    requests = [Request("a painting of a red cat", loras=v, seed=0, steps=8, guidance=5.0) for v in sets.values()]
+    batch = common.to_uint8(pipe.generate(requests, lora_mode="per_sample"))
+    alone = common.to_uint8(np.concatenate([pipe.generate([r], lora_mode="merged") for r in requests]))
+    folder = os.path.join(out, "images")
+    os.makedirs(folder, exist_ok=True)
+    for name, image in zip(sets, batch):
+        images.write_png(os.path.join(folder, f"{name}.png"), image)
+    sheet = os.path.join(folder, "contact_sheet.png")
+    images.write_png(sheet, images.contact_sheet(list(batch), columns=len(batch), cell=128))
+    change = [int(np.abs(batch[i].astype(int) - batch[0].astype(int)).max()) for i in range(1, len(batch))]
+    diff = int(np.abs(batch.astype(int) - alone.astype(int)).max())
+    h, w = batch.shape[1:3]
+    return [
+        (f"images: {len(batch)} LoRA sets, one per-sample batch, {h}x{w} PNGs", ", ".join(sets)),
+        ("images: max pixel change vs no LoRA (of 255)", ", ".join(map(str, change))),
+        ("images: per-sample batch vs each set merged alone, max |d|", f"{diff} of 255"),
+    ], sheet
+
+
 def run(out: str | None = None) -> int:
     try:
         from diffusers import FlaxUNet2DConditionModel
@@ -199,10 +232,13 @@ def run(out: str | None = None) -> int:
     rows += _serving_rows(unet, params, adapter, ys[1.0], (x, t_, c))
     rows += _training_rows(unet, params, ys[1.0], out, (x, t_, c))
     rows += _flux_rows(out)
+    image_rows, sheet = _image_rows(out)
+    rows += image_rows
 
     print(f"\nUNet: {n_params / 1e6:.2f} M params; adapter: {jlora.count(adapter)} modules\n")
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
     print(f"\nsaved: {saved}")
+    print(f"images: {sheet} (one PNG per LoRA beside it)")
     return 0

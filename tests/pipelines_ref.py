@@ -28,44 +28,11 @@ def _seed(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _merges(words, n: int = 40):
-    """The `n` most frequent adjacent pairs, merged greedily over `words` (BPE training in brief)."""
-    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
-    merges = []
-    for _ in range(n):
-        counts: dict = {}
-        for s in seqs:
-            for pair in zip(s, s[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            break
-        best = max(sorted(counts), key=counts.get)
-        merges.append(best)
-        for s in seqs:
-            i = 0
-            while i < len(s) - 1:
-                if (s[i], s[i + 1]) == best:
-                    s[i : i + 2] = [s[i] + s[i + 1]]
-                i += 1
-    return merges
-
-
 def clip_tokenizer(directory: str, pad_token: str = "<|endoftext|>"):
     """A CLIPTokenizer over a tiny byte-level BPE vocabulary (ids: bytes, bytes</w>, merges, bos, eos)."""
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from jlora.pipelines.tiny import clip_tokenizer as build
 
-    chars = list(bytes_to_unicode().values())
-    merges = _merges(_WORDS)
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
-    vocab = list(dict.fromkeys(vocab)) + ["<|startoftext|>", "<|endoftext|>"]
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(directory, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"),
-                         pad_token=pad_token, model_max_length=CLIP_LEN)
+    return build(directory, pad_token=pad_token, model_max_length=CLIP_LEN, words=_WORDS)
 
 
 def t5_tokenizer():

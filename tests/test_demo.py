@@ -2,7 +2,10 @@
 
 import re
 
+import numpy as np
+
 from jlora.cli import main
+from jlora.pipelines import images
 
 
 def test_demo_runs(tmp_path, capsys):
@@ -24,3 +27,9 @@ def test_demo_runs(tmp_path, capsys):
     first, last = map(float, re.search(r"loss first -> last\s+([0-9.]+) -> ([0-9.]+)", out).groups())
     assert last < 0.7 * first
     assert re.search(r"orbax checkpoint restores the same state\s+True", out)
+    names = ["no_lora", "style_a", "style_b", "a_0.5+b_0.5"]
+    pngs = [images.read_png(str(tmp_path / "images" / f"{n}.png")) for n in names]
+    assert all(p.shape == (64, 64, 3) for p in pngs)
+    assert all(np.abs(p.astype(int) - pngs[0].astype(int)).max() > 20 for p in pngs[1:])  # each LoRA shows
+    assert (tmp_path / "images" / "contact_sheet.png").exists()
+    assert int(re.search(r"each set merged alone, max \|d\|\s+(\d+) of 255", out).group(1)) <= 2
