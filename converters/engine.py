@@ -164,8 +164,8 @@ def _alpha_value(key: str, tensor: np.ndarray) -> float:
     if arr.dtype.kind not in "iuf" and str(arr.dtype) not in _FLOATS:
         raise InvalidAdapterError(f"{key}: alpha must be a real number, got dtype {arr.dtype}.")
     value = float(arr.reshape(()).astype(np.float64))
-    if not np.isfinite(value):
-        raise InvalidAdapterError(f"{key}: alpha is {value}.")
+    if not np.isfinite(value) or abs(value) > float(np.finfo(np.float32).max):
+        raise InvalidAdapterError(f"{key}: alpha is {value}; it must be finite within float32 range.")
     return value
 
 

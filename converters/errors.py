@@ -5,8 +5,32 @@ problem. Errors are raised before anything the caller passed in is modified.
 """
 
 
+import re
+
+MAX_WORD = 240
+_LONG_WORD = re.compile(r"[^\s'\"]{%d,}" % (MAX_WORD + 1))
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _shorten(match: re.Match) -> str:
+    word = match.group(0)
+    return f"{word[:120]}...({len(word) - 220} more characters)...{word[-100:]}"
+
+
+def clean_message(message: str) -> str:
+    """`message` with control characters escaped and any unbroken run over `MAX_WORD` characters
+    (a hostile key name) cut to its head and tail."""
+    message = _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), message)
+    return _LONG_WORD.sub(_shorten, message)
+
+
 class JloraError(Exception):
     """Base class of every error jlora raises on bad input."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (clean_message(args[0]),)
+        super().__init__(*args)
 
 
 class LoraFileNotFoundError(JloraError, FileNotFoundError):

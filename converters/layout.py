@@ -58,8 +58,23 @@ def _tucker_down(down: np.ndarray, mid: np.ndarray) -> np.ndarray:
     return np.einsum("pqhw,qi->pihw", mid.astype(np.float32), down[:, :, 0, 0].astype(np.float32))
 
 
+def _check_core(rec: Record, path: str, kernel_shape, core_role: str, core, down, up_out: int) -> None:
+    """A Tucker core `(r, r, kh, kw)` between `down (r, in, ...)` and an up of `up_out` outputs must fit the
+    kernel before any product is formed (the product's size is then bounded by the kernel's)."""
+    spatial = tuple(kernel_shape[:2]) if len(kernel_shape) == 4 else (1, 1)
+    ok = (core.ndim == 4 and down.ndim >= 2 and core.shape[1] == down.shape[0] and tuple(core.shape[2:]) == spatial
+          and down.shape[1] == kernel_shape[-2] and up_out == kernel_shape[-1])
+    if not ok:
+        raise _fail(rec, path, kernel_shape, (up_out, down.shape[1] if down.ndim >= 2 else -1) + tuple(core.shape[2:]),
+                    core_role)
+
+
 def lora_leaf(rec: Record, kernel_shape, path: str, alpha: float) -> tuple[str, dict]:
     t = rec.tensors
+    if "mid" in t:
+        _check_core(rec, path, kernel_shape, "mid", t["mid"], t["down"], t["up"].shape[0] if t["up"].ndim else -1)
+        if t["down"].ndim != 4 or t["down"].shape[2:] != (1, 1):
+            raise _fail(rec, path, kernel_shape, tuple(t["down"].shape), "down")
     down = _tucker_down(t["down"], t["mid"]) if "mid" in t else t["down"]
     a, b = down_to_flax(down, tuple(kernel_shape)), up_to_flax(t["up"])
     if a.shape[:-1] != tuple(kernel_shape[:-1]):
@@ -100,6 +115,7 @@ def loha_leaf(rec: Record, kernel_shape, path: str, alpha: float) -> tuple[str, 
     for i in ("1", "2"):
         wa, wb = t[f"w{i}a"], t[f"w{i}b"]
         if f"t{i}" in t:  # Tucker: down (r, in) with core (r, r, kh, kw); wa is (r, out)
+            _check_core(rec, path, kernel_shape, f"t{i}", t[f"t{i}"], wb, wa.shape[1] if wa.ndim == 2 else -1)
             down = np.einsum("pqhw,qi->pihw", t[f"t{i}"].astype(np.float32), wb.astype(np.float32))
             up = wa.T
         else:  # wa (out, r), wb (r, in * kh * kw)
@@ -115,6 +131,23 @@ def loha_leaf(rec: Record, kernel_shape, path: str, alpha: float) -> tuple[str, 
     return "loha", fields
 
 
+def _lokr_shape(t: Mapping[str, np.ndarray], i: str) -> tuple[int, ...] | None:
+    """The shape `_lokr_factor` would build, from the factor shapes alone (None: they do not chain)."""
+    if f"lokr_w{i}" in t:
+        return tuple(t[f"lokr_w{i}"].shape)
+    wa, wb = t[f"lokr_w{i}a"], t[f"lokr_w{i}b"]
+    if wa.ndim != 2 or wb.ndim < 2:
+        return None
+    if f"lokr_t{i}" in t:
+        core = t[f"lokr_t{i}"]
+        if core.ndim != 4 or core.shape[0] != wa.shape[0] or core.shape[1] != wb.shape[0] or wb.ndim != 2:
+            return None
+        return (wa.shape[1], wb.shape[1]) + tuple(core.shape[2:])
+    if wa.shape[1] != wb.shape[0]:
+        return None
+    return (wa.shape[0], int(np.prod(wb.shape[1:], dtype=np.int64)))
+
+
 def _lokr_factor(t: Mapping[str, np.ndarray], i: str) -> np.ndarray:
     if f"lokr_w{i}" in t:
         return t[f"lokr_w{i}"].astype(np.float32)
@@ -126,16 +159,21 @@ def _lokr_factor(t: Mapping[str, np.ndarray], i: str) -> np.ndarray:
 
 def lokr_leaf(rec: Record, kernel_shape, path: str, alpha: float | None) -> tuple[str, dict]:
     t = rec.tensors
-    w1, w2 = _lokr_factor(t, "1"), _lokr_factor(t, "2")
-    if w1.ndim != 2:
-        raise InvalidAdapterError(f"{rec.sources.get('lokr_w1', rec.keys[0])}: LoKr w1 must be 2-D, got {tuple(w1.shape)}.")
-    (o1, i1), n_out, n_in = w1.shape, kernel_shape[-1], kernel_shape[-2]
+    s1, s2 = _lokr_shape(t, "1"), _lokr_shape(t, "2")
+    if s1 is None or s2 is None:
+        role = "lokr_w1" if s1 is None else "lokr_w2"
+        raise _fail(rec, path, kernel_shape, (), role if role in rec.sources else role + "a")
+    if len(s1) != 2 or min(s1) < 1:
+        raise InvalidAdapterError(f"{rec.sources.get('lokr_w1', rec.keys[0])}: LoKr w1 must be 2-D, got {s1}.")
+    (o1, i1), n_out, n_in = s1, kernel_shape[-1], kernel_shape[-2]
     if n_out % o1 or n_in % i1:
         raise _fail(rec, path, kernel_shape, (o1, i1), "lokr_w1")
     o2, i2 = n_out // o1, n_in // i1
     k = tuple(kernel_shape[:2]) if len(kernel_shape) == 4 else ()
-    if w2.size != o2 * i2 * int(np.prod(k, dtype=np.int64)):
-        raise _fail(rec, path, kernel_shape, (o1 * w2.shape[0], i1 * int(np.prod(w2.shape[1:]))), "lokr_w2")
+    if int(np.prod(s2, dtype=np.int64)) != o2 * i2 * int(np.prod(k, dtype=np.int64)) or s2[0] != o2:
+        raise _fail(rec, path, kernel_shape, (o1 * s2[0], i1 * int(np.prod(s2[1:], dtype=np.int64))),
+                    "lokr_w2" if "lokr_w2" in rec.sources else "lokr_w2a")
+    w1, w2 = _lokr_factor(t, "1"), _lokr_factor(t, "2")
     w2 = w2.reshape((o2, i2) + k)
     decomposed = any(r in t for r in ("lokr_w1a", "lokr_w2a"))
     factor = (alpha / rec.rank) if (decomposed and alpha is not None) else 1.0

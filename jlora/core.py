@@ -34,9 +34,26 @@ def _check_shape(leaf, w) -> None:
         raise InvalidAdapterError(f"adapter leaf of kernel shape {leaf.shape} applied to a weight of shape {tuple(w.shape)}.")
 
 
+def check_scale(scale, what: str) -> jax.Array:
+    """`scale` as a float32 scalar array; a typed error for None, strings, non-scalars or a concrete
+    non-finite value (traced scalars pass; per-sample scale vectors belong to `jlora.per_sample`)."""
+    if scale is None or isinstance(scale, (str, bytes, bool)) or (isinstance(scale, (list, tuple, dict))):
+        raise InvalidAdapterError(f"{what}: scale must be a number or a scalar array, got {scale!r}.")
+    try:
+        s = jnp.asarray(scale, jnp.float32)
+    except (TypeError, ValueError) as e:
+        raise InvalidAdapterError(f"{what}: scale must be a number or a scalar array, got {type(scale).__name__} ({e}).") from None
+    if s.ndim != 0:
+        raise InvalidAdapterError(f"{what}: scale must be a scalar, got shape {tuple(s.shape)}; for a scale per sample "
+                                  "use jlora.per_sample.")
+    if not isinstance(s, jax.core.Tracer) and not bool(jnp.isfinite(s)):
+        raise InvalidAdapterError(f"{what}: scale must be finite, got {float(s)}.")
+    return s
+
+
 def delta(adapter: PyTree, scale=1.0) -> PyTree:
     """The float32 weight deltas `scale * alpha / r * a @ b` of an adapter (None elsewhere)."""
-    s = jnp.asarray(scale, jnp.float32)
+    s = check_scale(scale, "delta")
     return jax.tree.map(lambda leaf: None if leaf is None else s * leaf.delta(), adapter, is_leaf=is_adapter_leaf)
 
 
@@ -53,7 +70,7 @@ def apply(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
 
     >>> y = jax.jit(lambda p, a, s, x: model.apply({"params": jlora.apply(p, a, s)}, x))(p, a, 0.8, x)
     """
-    s = jnp.asarray(scale, jnp.float32)
+    s = check_scale(scale, "apply")
 
     def merge(leaf, w):
         if leaf is None:
@@ -87,7 +104,7 @@ def fuse(params: PyTree, adapter: PyTree, scale=1.0, *, safe_fusing: bool = Fals
     >>> fused = jlora.fuse(params, adapter, scale=0.8)
     >>> restored = jlora.unfuse(fused, adapter, scale=0.8)
     """
-    fused = _apply_jit(params, adapter, scale)
+    fused = _apply_jit(params, adapter, check_scale(scale, "fuse"))
     if safe_fusing:
         bad = _find_nonfinite(fused, adapter)
         if bad:
@@ -110,7 +127,7 @@ def unfuse(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
             "unfuse: this adapter has leaves whose fusing is not additive (DoRA rescales weights, set "
             "weights replace them), so it cannot be subtracted; keep the params from before fuse() instead."
         )
-    return _apply_jit(params, adapter, -jnp.asarray(scale, jnp.float32))
+    return _apply_jit(params, adapter, -check_scale(scale, "unfuse"))
 
 
 def combine(adapters: Mapping[str, PyTree] | Sequence[PyTree], weights=None) -> PyTree:

@@ -71,7 +71,10 @@ def _zero_leaf(shape: tuple[int, ...], rank: int, stacked: bool, dtype) -> LoraL
 
 
 def _template_from_regex(params: PyTree, rank: int, pattern: str, dtype) -> PyTree:
-    regex = re.compile(pattern)
+    try:
+        regex = re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise KeyMismatchError(f"hotswap_template: targets={pattern!r} is not a regular expression ({e}).") from None
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     picked = {
         path_of(kp): tuple(x.shape)

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.errors import JloraError
 from jlora.leaf import LoraLeaf
@@ -45,7 +46,16 @@ def init_adapter(
 
     >>> adapter = jlora.init_adapter(unet_params, jax.random.key(0), rank=8, targets=r"to_[qkv]|to_out_0")
     """
-    pattern = re.compile(targets)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise JloraError(f"init_adapter: rank must be an integer >= 1, got {rank!r}.")
+    for name, value in (("alpha", alpha), ("b_std", b_std)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.floating))
+                                  or not np.isfinite(value)):
+            raise JloraError(f"init_adapter: {name} must be a finite number, got {value!r}.")
+    try:
+        pattern = re.compile(targets)
+    except (re.error, TypeError) as e:
+        raise JloraError(f"init_adapter: targets={targets!r} is not a regular expression ({e}).") from None
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     picked = [
         i for i, (kp, x) in enumerate(flat)

@@ -132,6 +132,11 @@ def save_lora_weights(
 
     >>> jlora.save_lora_weights("out/", {"unet": adapters["unet"]})
     """
+    if (not isinstance(weight_name, str) or not weight_name or weight_name in (".", "..")
+            or os.path.basename(weight_name) != weight_name or "/" in weight_name or "\\" in weight_name
+            or "\x00" in weight_name):
+        raise JloraError(f"save_lora_weights: weight_name must be a plain file name (no directories), got "
+                         f"{weight_name!r}; put the directory in save_directory.")
     path = os.path.join(os.fspath(save_directory), weight_name)
     if not isinstance(adapters, Mapping):
         raise JloraError("save_lora_weights: adapters must be a dict {component: adapter}, e.g. {'unet': adapter}.")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Mapping
 
 from converters.engine import Format, Rule, register_format
 from converters.records import Record
 from converters.errors import CorruptFileError, InvalidAdapterError
+from converters.patterns import first_match
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "transformer_2", "prior")
 METADATA_KEY = "lora_adapter_metadata"
@@ -67,12 +67,31 @@ def component_config(metadata: Mapping, component: str | None) -> dict:
     return plain
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _number(value, field: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A metadata number that stays finite as a float32 alpha."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        try:
+            value = float(value)
+        except OverflowError:
+            ok = False
+    if not ok or not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        shown = value if not isinstance(value, int) or value.bit_length() < 128 else f"an integer of {len(str(value))} digits"
         raise InvalidAdapterError(
-            f"{where}: lora_adapter_metadata field {field!r} must be a finite number, got {value!r}."
+            f"{where}: lora_adapter_metadata field {field!r} must be a finite number within float32 range, got {shown!r}."
         )
-    return float(value)
+    return value
+
+
+def _rank(value, field: str, where: str) -> float:
+    """A metadata rank: an integer >= 1 (a zero rank would silently disable the LoRA)."""
+    r = _number(value, field, where)
+    if r < 1 or not float(r).is_integer():
+        raise InvalidAdapterError(f"{where}: lora_adapter_metadata field {field!r} must be an integer >= 1, got {value!r}.")
+    return r
 
 
 def _pattern_value(pattern, module: str, field: str, where: str):
@@ -81,14 +100,11 @@ def _pattern_value(pattern, module: str, field: str, where: str):
         return None
     if not isinstance(pattern, Mapping):
         raise InvalidAdapterError(f"{where}: lora_adapter_metadata field {field!r} must be an object, got {pattern!r}.")
-    for key, value in pattern.items():
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", module)
-        except (re.error, TypeError) as e:
-            raise InvalidAdapterError(f"{where}: {field} key {key!r} is not a valid pattern ({e}).") from None
-        if hit:
-            return _number(value, f"{field}[{key!r}]", where)
-    return None
+    hit = first_match(pattern, module, field, where)
+    if hit is None:
+        return None
+    key, value = hit
+    return (_rank if field == "rank_pattern" else _number)(value, f"{field}[{key!r}]", where)
 
 
 def resolve_alpha(record: Record, config: Mapping, origin: str = "<state dict>") -> float | None:
@@ -102,6 +118,8 @@ def resolve_alpha(record: Record, config: Mapping, origin: str = "<state dict>")
     if not config or record.kind not in ("lora", "bias"):
         return record.alpha
     where = f"{origin}: {record.component}.{record.module}"
+    if config.get("r") is not None:
+        _rank(config["r"], "r", where)
     alpha = _pattern_value(config.get("alpha_pattern"), record.module, "alpha_pattern", where)
     if alpha is None:
         if config.get("lora_alpha") is not None:
@@ -109,7 +127,7 @@ def resolve_alpha(record: Record, config: Mapping, origin: str = "<state dict>")
         elif record.alpha is not None:
             alpha = record.alpha
         elif config.get("r") is not None:
-            alpha = _number(config["r"], "r", where)
+            alpha = _rank(config["r"], "r", where)
     if alpha is None:
         return None
     if config.get("use_rslora") and record.rank:

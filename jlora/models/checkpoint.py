@@ -283,20 +283,31 @@ def load_component(
     """
     spec = component_spec(path, component, dtype=dtype)
     directory = component_dir(path, component)
+    with ckpts.open_checkpoint(ckpts.weight_files(directory, variant)) as ckpt:
+        params = load_params(spec, ckpt, dtype=dtype, shardings=shardings, stats=stats)
+    return spec.model, params
+
+
+def load_params(spec: Spec, ckpt, *, dtype=None, shardings=None, stats: dict | None = None) -> PyTree:
+    """The params of `spec` read from an open checkpoint, as `load_component` does.
+
+    `ckpt` is a `converters.checkpoints.Checkpoint` or any object with its `where` (key -> an object
+    with `dtype(key)`), `shape`, `read` and `bytes_read` in torch names, such as
+    `converters.single_file.RenamedCheckpoint`.
+    """
     flat, treedef = jax.tree_util.tree_flatten_with_path(spec.shapes)
     index = {path_of(kp): (tuple(x.shape), x.dtype) for kp, x in flat}
-    with ckpts.open_checkpoint(ckpts.weight_files(directory, variant)) as ckpt:
-        keys = {k: ckpt.shape(k) for k in ckpt.where}
-        plan, unused = ckpts.plan(index, keys, spec.scheme,
-                                  synthesize=lambda p: "synthesized" if p in spec.synthesized else None)
-        leaves = []
-        for kp, x in flat:
-            p = path_of(kp)
-            sharding = _sharding_for(shardings, p, x)
-            leaves.append(_make_array(ckpt, plan.get(p), spec.synthesized.get(p), p, x, sharding, dtype))
-        if stats is not None:
-            stats.update(bytes_read=ckpt.bytes_read, unused=unused)
-    return spec.model, jax.tree_util.tree_unflatten(treedef, leaves)
+    keys = {k: ckpt.shape(k) for k in ckpt.where}
+    plan, unused = ckpts.plan(index, keys, spec.scheme,
+                              synthesize=lambda p: "synthesized" if p in spec.synthesized else None)
+    leaves = []
+    for kp, x in flat:
+        p = path_of(kp)
+        sharding = _sharding_for(shardings, p, x)
+        leaves.append(_make_array(ckpt, plan.get(p), spec.synthesized.get(p), p, x, sharding, dtype))
+    if stats is not None:
+        stats.update(bytes_read=ckpt.bytes_read, unused=unused)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _make_array(ckpt, reads, synth, path, x, sharding, dtype) -> jax.Array:
