@@ -87,6 +87,8 @@ def resolve_path(
         return source
     if os.path.isdir(source):
         return _pick_in_directory(os.path.join(source, subfolder or ""), weight_name, allow_pickle)
+    if os.path.lexists(source):  # a FIFO, device, socket or symlink loop: say what it is, never open it
+        safetensors_io.check_regular_file(source)
     looks_like_repo = source.count("/") == 1 and not source.startswith((".", "/")) and not os.path.splitext(source)[1]
     if not looks_like_repo:
         raise LoraFileNotFoundError(f"{source}: no such file or directory.")

@@ -21,10 +21,12 @@ import json
 import os
 import struct
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -753,6 +755,434 @@ def dense_factor_on_3x3_conv(env):
     return lambda: env.load(sd), [key, "(3, 3, 32, 32)"], [sd]
 
 
+# ---- patterns from files: bounded and linear-time -----------------------------------------
+
+
+def _md(**config) -> dict:
+    return {"lora_adapter_metadata": json.dumps(config)}
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_key_too_long(env):
+    key = "a" * 1001
+    path = write(env.path("p_long.safetensors"), peft(Q), _md(r=4, lora_alpha=4, alpha_pattern={key: 8}))
+    return lambda: env.load(path), [path, "alpha_pattern", "1001 characters"], []
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_too_many_keys(env):
+    path = write(env.path("p_many.safetensors"), peft(Q), _md(r=4, lora_alpha=4, alpha_pattern={f"m{i}": 8 for i in range(50_001)}))
+    return lambda: env.load(path), [path, "alpha_pattern", "50001 keys"], []
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_too_many_regex_keys(env):
+    path = write(env.path("p_regex.safetensors"), peft(Q), _md(r=4, lora_alpha=4, alpha_pattern={f"m{i}.*x": 8 for i in range(1001)}))
+    return lambda: env.load(path), [path, "alpha_pattern", "regular-expression keys"], []
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_backreference(env):
+    path = write(env.path("p_backref.safetensors"), peft(Q), _md(r=4, lora_alpha=4, alpha_pattern={r"(a)\1": 8}))
+    return lambda: env.load(path), [path, "alpha_pattern", r"(a)\\1"], []
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_lookahead(env):
+    path = write(env.path("p_look.safetensors"), peft(Q), _md(r=4, lora_alpha=4, alpha_pattern={"to_q(?=x)": 8}))
+    return lambda: env.load(path), [path, "alpha_pattern", "to_q(?=x)"], []
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_unbalanced(env):
+    path = write(env.path("p_paren.safetensors"), peft(Q), _md(r=4, lora_alpha=4, alpha_pattern={"to_q(": 8}))
+    return lambda: env.load(path), [path, "alpha_pattern", "to_q("], []
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_value_a_string(env):
+    path = write(env.path("p_str.safetensors"), peft(Q), _md(r=4, lora_alpha=4, alpha_pattern={"to_q": "8"}))
+    return lambda: env.load(path), [path, "alpha_pattern['to_q']"], []
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_value_infinite(env):
+    path = write(env.path("p_inf.safetensors"), peft(Q), {"lora_adapter_metadata": '{"r": 4, "alpha_pattern": {"to_q": Infinity}}'})
+    return lambda: env.load(path), [path, "alpha_pattern['to_q']", "inf"], []
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_value_beyond_float32(env):
+    path = write(env.path("p_big.safetensors"), peft(Q), _md(r=4, alpha_pattern={"attn1.to_q": 1e39}))
+    return lambda: env.load(path), [path, "alpha_pattern['attn1.to_q']", "float32"], []
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_regex_value_nan(env):
+    path = write(env.path("p_nan.safetensors"), peft(Q), {"lora_adapter_metadata": '{"r": 4, "alpha_pattern": {"attn[12].to_q": NaN}}'})
+    return lambda: env.load(path), [path, "attn[12].to_q", "nan"], []
+
+
+@case(errors.InvalidAdapterError)
+def alpha_pattern_a_list(env):
+    path = write(env.path("p_list.safetensors"), peft(Q), _md(r=4, alpha_pattern=[["to_q", 8]]))
+    return lambda: env.load(path), [path, "alpha_pattern", "must be an object"], []
+
+
+# ---- numbers that would overflow or vanish --------------------------------------------------
+
+
+def _kohya_alpha(value, dtype):
+    return {**kohya(KQ), f"{KQ}.alpha": np.array(value, dtype)}
+
+
+@case(errors.InvalidAdapterError)
+def alpha_tensor_beyond_float32_in_f64(env):
+    sd = _kohya_alpha(1e300, np.float64)
+    return lambda: env.load(sd), [f"{KQ}.alpha", "float32"], [sd]
+
+
+@case(errors.InvalidAdapterError)
+def alpha_tensor_infinite(env):
+    sd = _kohya_alpha(np.inf, np.float32)
+    return lambda: env.load(sd), [f"{KQ}.alpha", "inf"], [sd]
+
+
+@case(errors.InvalidAdapterError)
+def alpha_tensor_negative_infinite_f16(env):
+    sd = _kohya_alpha(-np.inf, np.float16)
+    return lambda: env.load(sd), [f"{KQ}.alpha", "-inf"], [sd]
+
+
+@case(errors.InvalidAdapterError)
+def alpha_tensor_nan_in_file(env):
+    path = write(env.path("alpha_nan.safetensors"), _kohya_alpha(np.nan, np.float32))
+    return lambda: env.load(path), [f"{KQ}.alpha", "nan"], []
+
+
+@case(errors.InvalidAdapterError)
+def metadata_alpha_beyond_float32(env):
+    path = write(env.path("md_1e39.safetensors"), peft(Q), _md(r=4, lora_alpha=1e39))
+    return lambda: env.load(path), [path, "lora_alpha", "float32"], []
+
+
+@case(errors.InvalidAdapterError)
+def metadata_alpha_huge_integer(env):
+    path = write(env.path("md_int.safetensors"), peft(Q), {"lora_adapter_metadata": '{"r": 4, "lora_alpha": 1' + "0" * 400 + "}"})
+    return lambda: env.load(path), [path, "lora_alpha", "401 digits"], []
+
+
+@case(errors.InvalidAdapterError)
+def metadata_alpha_infinity_literal(env):
+    path = write(env.path("md_infl.safetensors"), peft(Q), {"lora_adapter_metadata": '{"r": 4, "lora_alpha": -Infinity}'})
+    return lambda: env.load(path), [path, "lora_alpha", "-inf"], []
+
+
+@case(errors.InvalidAdapterError)
+def metadata_component_alpha_nan(env):
+    path = write(env.path("md_cnan.safetensors"), peft(Q), {"lora_adapter_metadata": '{"unet.r": 4, "unet.lora_alpha": NaN}'})
+    return lambda: env.load(path), [path, "lora_alpha"], []
+
+
+@case(errors.InvalidAdapterError)
+def metadata_rank_zero(env):
+    path = write(env.path("md_r0.safetensors"), peft(Q), _md(r=0))
+    return lambda: env.load(path), [path, "'r'", ">= 1"], []
+
+
+@case(errors.InvalidAdapterError)
+def metadata_rank_zero_with_alpha(env):
+    path = write(env.path("md_r0a.safetensors"), peft(Q), _md(r=0, lora_alpha=8))
+    return lambda: env.load(path), [path, "'r'", ">= 1"], []
+
+
+@case(errors.InvalidAdapterError)
+def metadata_rank_negative(env):
+    path = write(env.path("md_rneg.safetensors"), peft(Q), _md(r=-4))
+    return lambda: env.load(path), [path, "'r'"], []
+
+
+@case(errors.InvalidAdapterError)
+def metadata_rank_fractional(env):
+    path = write(env.path("md_rfrac.safetensors"), peft(Q), _md(r=2.5))
+    return lambda: env.load(path), [path, "'r'", "2.5"], []
+
+
+@case(errors.InvalidAdapterError)
+def metadata_rank_bool(env):
+    path = write(env.path("md_rbool.safetensors"), peft(Q), _md(r=True))
+    return lambda: env.load(path), [path, "'r'"], []
+
+
+@case(errors.InvalidAdapterError)
+def metadata_rank_huge_integer(env):
+    path = write(env.path("md_rhuge.safetensors"), peft(Q), {"lora_adapter_metadata": '{"r": 9' + "9" * 400 + "}"})
+    return lambda: env.load(path), [path, "'r'"], []
+
+
+# ---- scales and arguments -------------------------------------------------------------------
+
+
+def _adapter(env):
+    return jlora.load_lora(peft(Q), env.unet, "unet")
+
+
+@case(errors.InvalidAdapterError)
+def apply_scale_none(env):
+    a = _adapter(env)
+    return lambda: jlora.apply(env.unet, a, None), ["apply", "None"], []
+
+
+@case(errors.InvalidAdapterError)
+def apply_scale_string(env):
+    a = _adapter(env)
+    return lambda: jlora.apply(env.unet, a, "0.8"), ["apply", "'0.8'"], []
+
+
+@case(errors.InvalidAdapterError)
+def apply_scale_vector(env):
+    a = _adapter(env)
+    return lambda: jlora.apply(env.unet, a, np.ones(32, np.float32)), ["apply", "(32,)", "per_sample"], []
+
+
+@case(errors.InvalidAdapterError)
+def apply_scale_nan(env):
+    a = _adapter(env)
+    return lambda: jlora.apply(env.unet, a, float("nan")), ["apply", "nan"], []
+
+
+@case(errors.InvalidAdapterError)
+def fuse_scale_infinite(env):
+    a = _adapter(env)
+    return lambda: jlora.fuse(env.unet, a, float("inf")), ["fuse", "inf"], []
+
+
+@case(errors.InvalidAdapterError)
+def unfuse_scale_none(env):
+    a = _adapter(env)
+    return lambda: jlora.unfuse(env.unet, a, None), ["unfuse", "None"], []
+
+
+@case(errors.InvalidAdapterError)
+def delta_scale_list(env):
+    a = _adapter(env)
+    return lambda: jlora.delta(a, [1.0, 2.0]), ["delta", "[1.0, 2.0]"], []
+
+
+@case(errors.InvalidAdapterError)
+def apply_scale_bool(env):
+    a = _adapter(env)
+    return lambda: jlora.apply(env.unet, a, True), ["apply", "True"], []
+
+
+@case(errors.JloraError)
+def init_adapter_rank_zero(env):
+    return lambda: jlora.init_adapter(env.unet, _prng_key(), rank=0), ["rank", ">= 1", "0"], []
+
+
+@case(errors.JloraError)
+def init_adapter_rank_negative(env):
+    return lambda: jlora.init_adapter(env.unet, _prng_key(), rank=-2), ["rank", "-2"], []
+
+
+@case(errors.JloraError)
+def init_adapter_rank_fractional(env):
+    return lambda: jlora.init_adapter(env.unet, _prng_key(), rank=2.5), ["rank", "2.5"], []
+
+
+@case(errors.JloraError)
+def init_adapter_alpha_nan(env):
+    return lambda: jlora.init_adapter(env.unet, _prng_key(), rank=2, alpha=float("nan")), ["alpha", "nan"], []
+
+
+@case(errors.JloraError)
+def init_adapter_b_std_infinite(env):
+    return lambda: jlora.init_adapter(env.unet, _prng_key(), rank=2, b_std=float("inf")), ["b_std", "inf"], []
+
+
+@case(errors.JloraError)
+def init_adapter_bad_regex(env):
+    return lambda: jlora.init_adapter(env.unet, _prng_key(), rank=2, targets="to_(q"), ["targets", "to_(q"], []
+
+
+@case(errors.KeyMismatchError)
+def hotswap_template_bad_regex(env):
+    return lambda: jlora.hotswap_template(env.unet, 4, targets="[to_q"), ["targets", "[to_q"], []
+
+
+@case(errors.ShapeMismatchError)
+def hotswap_template_rank_zero(env):
+    return lambda: jlora.hotswap_template(env.unet, 0), ["rank", ">= 1"], []
+
+
+def _prng_key():
+    import jax
+
+    return jax.random.key(0)
+
+
+# ---- work bounded by the target: no product before the shape check --------------------------
+
+
+@case(errors.ShapeMismatchError)
+def lokr_decomposed_w2_would_be_16_gib(env):
+    sd = {f"{KQ}.lokr_w1": ones(1, 1), f"{KQ}.lokr_w2_a": ones(65536, 1), f"{KQ}.lokr_w2_b": ones(1, 65536)}
+    return lambda: env.load(sd), [f"{KQ}.lokr_w2_a", "(32, 32)"], [sd]
+
+
+@case(errors.ShapeMismatchError)
+def lokr_decomposed_w1_would_be_16_gib(env):
+    sd = {f"{KQ}.lokr_w1_a": ones(65536, 1), f"{KQ}.lokr_w1_b": ones(1, 65536), f"{KQ}.lokr_w2": ones(1, 1)}
+    return lambda: env.load(sd), [f"{KQ}", "(32, 32)"], [sd]
+
+
+@case(errors.ShapeMismatchError)
+def lokr_tucker_core_with_huge_spatial(env):
+    sd = {f"{KCONV}.lokr_w1": ones(1, 1), f"{KCONV}.lokr_t2": ones(1, 1, 256, 256),
+          f"{KCONV}.lokr_w2_a": ones(1, 32), f"{KCONV}.lokr_w2_b": ones(1, 32)}
+    return lambda: env.load(sd), [f"{KCONV}", "(3, 3, 32, 32)"], [sd]
+
+
+@case(errors.InvalidAdapterError)
+def lokr_w2_factors_do_not_chain(env):
+    sd = {f"{KQ}.lokr_w1": ones(2, 2), f"{KQ}.lokr_w2_a": ones(16, 4), f"{KQ}.lokr_w2_b": ones(8, 16)}
+    return lambda: env.load(sd), [f"{KQ}.lokr_w2_a", "do not multiply"], [sd]
+
+
+@case(errors.ShapeMismatchError)
+def loha_tucker_core_with_huge_spatial(env):
+    sd = {f"{KCONV}.hada_w1_a": ones(1, 32), f"{KCONV}.hada_w1_b": ones(1, 32), f"{KCONV}.hada_t1": ones(1, 1, 256, 256),
+          f"{KCONV}.hada_w2_a": ones(1, 32), f"{KCONV}.hada_w2_b": ones(1, 32), f"{KCONV}.hada_t2": ones(1, 1, 256, 256)}
+    return lambda: env.load(sd), [f"{KCONV}", "(3, 3, 32, 32)"], [sd]
+
+
+@case(errors.ShapeMismatchError)
+def loha_tucker_wide_factors(env):
+    sd = {f"{KCONV}.hada_w1_a": ones(1, 65536), f"{KCONV}.hada_w1_b": ones(1, 65536), f"{KCONV}.hada_t1": ones(1, 1, 3, 3),
+          f"{KCONV}.hada_w2_a": ones(1, 32), f"{KCONV}.hada_w2_b": ones(1, 32), f"{KCONV}.hada_t2": ones(1, 1, 3, 3)}
+    return lambda: env.load(sd), [f"{KCONV}", "(3, 3, 32, 32)"], [sd]
+
+
+@case(errors.ShapeMismatchError)
+def loha_wide_down_factor(env):
+    sd = {f"{KQ}.hada_w1_a": ones(32, 1), f"{KQ}.hada_w1_b": ones(1, 65536),
+          f"{KQ}.hada_w2_a": ones(32, 1), f"{KQ}.hada_w2_b": ones(1, 32)}
+    return lambda: env.load(sd), [f"{KQ}.hada_w1_b", "(32, 32)"], [sd]
+
+
+@case(errors.ShapeMismatchError)
+def locon_tucker_core_with_huge_spatial(env):
+    sd = {f"{KCONV}.lora_down.weight": ones(1, 32, 1, 1), f"{KCONV}.lora_mid.weight": ones(1, 1, 256, 256),
+          f"{KCONV}.lora_up.weight": ones(32, 1, 1, 1)}
+    return lambda: env.load(sd), [f"{KCONV}", "(3, 3, 32, 32)"], [sd]
+
+
+@case(errors.InvalidAdapterError)
+def locon_tucker_core_rank_mismatch(env):
+    sd = {f"{KCONV}.lora_down.weight": ones(4, 32, 1, 1), f"{KCONV}.lora_mid.weight": ones(4, 2, 3, 3),
+          f"{KCONV}.lora_up.weight": ones(32, 4, 1, 1)}
+    return lambda: env.load(sd), [f"{KCONV}"], [sd]
+
+
+# ---- saving paths ---------------------------------------------------------------------------
+
+
+def _save(env, weight_name):
+    a = _adapter(env)
+    return lambda: jlora.save_lora_weights(env.path("save"), {"unet": a}, weight_name=weight_name)
+
+
+@case(errors.JloraError)
+def weight_name_parent_directory(env):
+    return _save(env, "../escape.safetensors"), ["weight_name", "../escape.safetensors"], []
+
+
+@case(errors.JloraError)
+def weight_name_absolute(env):
+    return _save(env, "/tmp/escape.safetensors"), ["weight_name", "/tmp/escape.safetensors"], []
+
+
+@case(errors.JloraError)
+def weight_name_subdirectory(env):
+    return _save(env, "sub/x.safetensors"), ["weight_name", "sub/x.safetensors"], []
+
+
+@case(errors.JloraError)
+def weight_name_empty(env):
+    return _save(env, ""), ["weight_name", "''"], []
+
+
+@case(errors.JloraError)
+def weight_name_dot_dot(env):
+    return _save(env, ".."), ["weight_name", "'..'"], []
+
+
+@case(errors.JloraError)
+def weight_name_none(env):
+    return _save(env, None), ["weight_name", "None"], []
+
+
+# ---- key names: long, control characters ----------------------------------------------------
+
+
+@case(errors.InvalidAdapterError)
+def one_megabyte_key(env):
+    key = "unet." + "a." * 500_000 + "lora_A.weight"
+    sd = {key: ones(4, 32)}
+    return lambda: env.load(sd), ["unet.a.a.a", "more characters", "lora_A.weight"], [sd]
+
+
+@case(errors.InvalidAdapterError)
+def key_of_8000_parts(env):
+    key = "unet." + ".".join(["x"] * 8000) + ".lora_A.weight"
+    sd = {key: ones(4, 32)}
+    return lambda: env.load(sd), ["unet.x.x.x", "more characters"], [sd]
+
+
+@case(errors.InvalidAdapterError)
+def key_with_terminal_escape(env):
+    key = "unet.x\x1b[2Jy.lora_A.weight"
+    sd = {key: ones(4, 32)}
+    return lambda: env.load(sd), ["\\x1b[2Jy"], [sd]
+
+
+@case(errors.InvalidAdapterError)
+def key_with_nul_byte(env):
+    key = "unet.x\x00y.lora_A.weight"
+    sd = {key: ones(4, 32)}
+    return lambda: env.load(sd), ["\\x00y"], [sd]
+
+
+# ---- files that are not regular files -------------------------------------------------------
+
+
+@case(errors.CorruptFileError)
+def fifo_inside_lora_directory(env):
+    folder = env.path("fifo_dir")
+    os.mkdir(folder)
+    os.mkfifo(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+    return lambda: env.load(folder), ["pytorch_lora_weights.safetensors", "FIFO"], []
+
+
+@case(errors.CorruptFileError)
+def fifo_as_the_file(env):
+    path = env.path("fifo.safetensors")
+    os.mkfifo(path)
+    return lambda: env.load(path), [path, "FIFO"], []
+
+
+@case((errors.CorruptFileError, errors.LoraFileNotFoundError))
+def character_device_as_the_file(env):
+    return lambda: env.load("/dev/zero"), ["/dev/zero"], []
+
+
+@case(errors.CorruptFileError)
+def symlink_loop(env):
+    path = env.path("loop.safetensors")
+    os.symlink(path, path)
+    return lambda: env.load(path), [path, "symlink loop"], []
+
+
 def _params():
     out = []
     for name, c in CASES.items():
@@ -767,16 +1197,23 @@ def test_hostile_input(env, name):
     call, names, state_dicts = c.build(env)
     with untouched(env.unet, env.clip, *state_dicts), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        start = time.perf_counter()
         with pytest.raises(c.error) as e:
             call()
+        seconds = time.perf_counter() - start
     assert isinstance(e.value, jlora.JloraError)
+    assert seconds < TIME_BOUND, f"{name} took {seconds:.1f} s"
+    assert len(str(e.value)) < 20_000
     msg = str(e.value)
     for text in names:
         assert text in msg, f"{text!r} not in message:\n{msg}"
 
 
+TIME_BOUND = 20.0  # seconds: a hang or a quadratic blow-up, not a speed claim
+
+
 def test_case_count():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 130
 
 
 # --------------------------------------------------------------------------------------------
@@ -942,3 +1379,95 @@ def test_random_inputs_raise_only_jlora_errors(unet, clip, sd, use_pipeline, fmt
                         _load_everything(src, params["unet"], params["text_encoder"], use_pipeline, strict, fmt)
                     except jlora.JloraError as e:
                         assert str(e), type(e)
+
+
+# --------------------------------------------------------------------------------------------
+# patterns from files: PEFT's matching, in linear time
+# --------------------------------------------------------------------------------------------
+
+_SEGMENTS = ("down_blocks", "0", "1", "attentions", "attn1", "attn2", "to_q", "to_k", "to_out", "proj_in", "ff", "net")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    keys=st.lists(st.one_of(
+        st.lists(st.sampled_from(_SEGMENTS), min_size=1, max_size=4).map(".".join),
+        st.sampled_from([r"attn[12]\.to_q", r"to_(q|k)", r".*proj_in", r"down_blocks\.\d+\.attentions\.0\.to_q", r"to_\w"]),
+    ), min_size=1, max_size=8, unique=True),
+    module=st.lists(st.sampled_from(_SEGMENTS), min_size=1, max_size=6).map(".".join),
+)
+def test_pattern_lookup_matches_peft(keys, module):
+    """Reference: PEFT's own `get_pattern_key` (Python `re`) on the same keys and module name."""
+    from peft.utils.other import get_pattern_key
+
+    from converters.patterns import first_match
+
+    pattern = {k: float(i + 1) for i, k in enumerate(keys)}
+    want = get_pattern_key(list(pattern), module)
+    got = first_match(pattern, module, "alpha_pattern", "<test>")
+    assert (got[0] if got else module) == want
+
+
+def test_catastrophic_and_numerous_patterns_load_quickly(sd_file, unet):
+    """`(.*.*)*X` backtracks exponentially in Python's `re`; 20,000 plain keys cost one lookup per
+    name suffix. Both loads finish and give the same adapter as without the patterns."""
+    tensors, header = R.read_lora_file(sd_file)
+    plain = jlora.load_lora(sd_file, unet.flax_params, "unet")
+    meta = json.loads(header["lora_adapter_metadata"])
+    for extra in ({"(.*.*)*X": 1.0}, {f"blocks.{i}.nowhere": 1.0 for i in range(20_000)}):
+        config = {**meta, **{f"unet.alpha_pattern": {**meta.get("unet.alpha_pattern", {}), **extra}}}
+        with tempfile.TemporaryDirectory() as d:
+            path = write(os.path.join(d, "p.safetensors"), tensors, {"lora_adapter_metadata": json.dumps(config)})
+            start = time.perf_counter()
+            got = jlora.load_lora(path, unet.flax_params, "unet")
+            assert time.perf_counter() - start < TIME_BOUND
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(plain)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+_BOMB = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+sys.path[:0] = {paths!r}
+import numpy as np
+import jlora, reference as R
+from jlora import errors
+unet = R.build_sd15_unet().flax_params
+K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+C = "lora_unet_down_blocks_0_resnets_0_conv1"
+one = lambda *s: np.ones(s, np.float32)
+bombs = {{
+    "lokr_w2": {{K + ".lokr_w1": one(1, 1), K + ".lokr_w2_a": one(65536, 1), K + ".lokr_w2_b": one(1, 65536)}},
+    "lokr_w1": {{K + ".lokr_w1_a": one(65536, 1), K + ".lokr_w1_b": one(1, 65536), K + ".lokr_w2": one(1, 1)}},
+    "lokr_tucker": {{C + ".lokr_w1": one(1, 1), C + ".lokr_t2": one(1, 1, 256, 256), C + ".lokr_w2_a": one(1, 32),
+                     C + ".lokr_w2_b": one(1, 32)}},
+    "loha_tucker": {{C + ".hada_w1_a": one(1, 65536), C + ".hada_w1_b": one(1, 65536), C + ".hada_t1": one(1, 1, 256, 256),
+                     C + ".hada_w2_a": one(1, 32), C + ".hada_w2_b": one(1, 32), C + ".hada_t2": one(1, 1, 3, 3)}},
+    "locon_tucker": {{C + ".lora_down.weight": one(1, 65536, 1, 1), C + ".lora_mid.weight": one(1, 1, 256, 256),
+                      C + ".lora_up.weight": one(65536, 1, 1, 1)}},
+}}
+for name, sd in bombs.items():
+    try:
+        jlora.load_lora(sd, unet, "unet")
+        print(name, "loaded")
+    except errors.JloraError as e:
+        print(name, type(e).__name__)
+    except MemoryError:
+        print(name, "MemoryError")
+"""
+
+
+def test_factor_bombs_fail_under_a_memory_cap():
+    """Factors whose products would need 16 GiB (or 4 GiB Tucker cores) are refused from their shapes,
+    in a process capped at 3 GiB of address space."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = _BOMB.format(paths=[here, os.path.dirname(here)])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split() for line in out.stdout.splitlines())
+    assert lines == {"lokr_w2": "ShapeMismatchError", "lokr_w1": "ShapeMismatchError", "lokr_tucker": "ShapeMismatchError",
+                     "loha_tucker": "ShapeMismatchError", "locon_tucker": "ShapeMismatchError"}, out.stdout
