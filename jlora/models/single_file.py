@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from converters import single_file as sf
+from converters.errors import KeyMismatchError, ShapeMismatchError
 from jlora.models import checkpoint as ckpt
 
 PyTree = Any
@@ -54,7 +55,13 @@ def load_single_file(
     spec = ckpt.component_spec(config, component, dtype=dtype)
     with sf.open_single_file(path, component, spec.config) as view:
         found: dict = {}
-        params = ckpt.load_params(spec, view, dtype=dtype, shardings=shardings, stats=found)
+        try:
+            params = ckpt.load_params(spec, view, dtype=dtype, shardings=shardings, stats=found)
+        except (KeyMismatchError, ShapeMismatchError) as e:
+            named = max((k for k in view.sources if k in str(e)), key=len, default=None)
+            where = f" (file key {view.sources[named].key})" if named else ""
+            raise type(e)(f"{os.fspath(path)} ({view.kind} single file, {component} in diffusers names) with "
+                          f"config={os.fspath(config)!r}: {e}{where}") from None
         if stats is not None:
             used = set(view.sources) - set(found["unused"])
             taken = set(view.file_keys(used))
