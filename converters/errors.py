@@ -45,6 +45,10 @@ class ModelFileNotFoundError(JloraError, FileNotFoundError):
     """A model folder, config or weight file of a base checkpoint could not be found."""
 
 
+class ComponentNotInFileError(ModelFileNotFoundError):
+    """A single-file checkpoint does not hold the component asked for (a Flux file has no VAE, say)."""
+
+
 class UnsupportedModelError(JloraError):
     """A checkpoint's config asks for an architecture or option the JAX model does not have."""
 
@@ -98,6 +102,7 @@ __all__ = [
     "LoraFileNotFoundError",
     "CorruptFileError",
     "ModelFileNotFoundError",
+    "ComponentNotInFileError",
     "UnsupportedModelError",
     "UnsafeFileError",
     "UnsupportedFormatError",

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from converters.errors import ModelFileNotFoundError, UnsupportedModelError
+from converters.errors import ComponentNotInFileError, ModelFileNotFoundError, UnsupportedModelError
 from converters.safetensors_io import SafetensorsFile, open_file
 from converters.single_file_rules import (
     CLIP_RULES,
@@ -149,7 +149,7 @@ def renames(kind: str, component: str, shapes: Shapes, config: Mapping[str, Any]
     if part is None:
         held = ", ".join(components(kind, shapes)) if kind in LAYOUTS else "nothing jlora reads"
         prefixes = " or ".join(repr(p.prefix) for p in parts or ()) or "none in this layout"
-        raise ModelFileNotFoundError(
+        raise ComponentNotInFileError(
             f"{where}: this {kind} single file has no {component} (key prefix {prefixes}); it holds: {held}. "
             f"Load {component} from a diffusers folder with load_component instead."
         )

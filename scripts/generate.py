@@ -29,7 +29,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a diffusers pipeline folder (model_index.json)")
+    p.add_argument("--model", required=True, help="a diffusers pipeline folder (model_index.json), or a single "
+                   "checkpoint file (original SD/SDXL layout, BFL Flux) with --config")
+    p.add_argument("--config", default=None, help="with a single-file --model: a diffusers folder of the same model "
+                   "(configs, tokenizers, and components the file lacks)")
     p.add_argument("--prompts", required=True, help="JSONL file, one request per line")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="params and compute dtype")
@@ -84,13 +87,14 @@ def main(argv=None) -> int:
     from jlora.pipelines import batch, family_of, load_pipeline
 
     try:
-        if os.path.isfile(args.model):
-            raise ModelFileNotFoundError(f"{args.model}: a single file; pass the diffusers pipeline folder "
-                                         "(with model_index.json).")
-        family = family_of(args.model)
+        if os.path.isfile(args.model) and args.config is None:
+            raise ModelFileNotFoundError(f"{args.model}: a single-file checkpoint has no configs or tokenizers; add "
+                                         "--config <diffusers folder of the same model>.")
+        family = family_of(args.config if os.path.isfile(args.model) else args.model)
         mesh = make_mesh(args.fsdp, family)
         shard = fsdp(mesh, "model")
-        pipe = load_pipeline(args.model, dtype=getattr(jnp, args.dtype) if args.dtype != "float32" else None,
+        pipe = load_pipeline(args.model, config=args.config,
+                             dtype=getattr(jnp, args.dtype) if args.dtype != "float32" else None,
                              shardings=lambda component: shard,
                              **({"scheduler": args.scheduler} if args.scheduler and family != "flux" else {}))
         pipe.data_sharding = NamedSharding(mesh, PartitionSpec("data"))

@@ -393,3 +393,31 @@ def test_errors_name_the_file_and_the_fix(files, tmp_path):
     with pytest.raises(errors.ShapeMismatchError, match=r"sd.safetensors \(sd single file.*config=.*"
                        r"file key model\.diffusion_model\.middle_block\.1\.transformer_blocks\.0\.attn2\.to_k"):
         load_single_file(sd_path, "unet", config=files["sdxl"][1])  # another model's config
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "flux"])
+def test_pipeline_from_a_single_file_makes_the_folders_images(files, name):
+    """The images of the single file (with the folder for configs and tokenizers) equal the folder's."""
+    from jlora.pipelines import Request, load_pipeline
+
+    path, folder = files[name]
+    requests = [Request("a photo of a cat", seed=3, steps=2, width=32, height=32, guidance=4.0)]
+    want = load_pipeline(folder).generate(requests)
+    got = load_pipeline(path, config=folder).generate(requests)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_generate_script_takes_a_single_file(files, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import generate
+
+    path, folder = files["sd"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat", "width": 32, "height": 32, "steps": 2}\n')
+    assert generate.main(["--model", path, "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert generate.main(["--model", path, "--config", folder, "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                          "--no-progress"]) == 0
+    assert (tmp_path / "o" / "000001.png").exists()

@@ -6,6 +6,7 @@ from jlora.models.checkpoint import component_spec
 from jlora.models.checkpoint import fsdp
 from jlora.models.checkpoint import fsdp_shardings
 from jlora.models.checkpoint import load_component
+from jlora.models.single_file import load_single_file
 
 __all__ = [
     "bytes_per_device",
@@ -14,4 +15,5 @@ __all__ = [
     "fsdp",
     "fsdp_shardings",
     "load_component",
+    "load_single_file",
 ]

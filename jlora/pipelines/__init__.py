@@ -34,16 +34,28 @@ def family_of(path: str | os.PathLike) -> str:
     return _FAMILIES[name]
 
 
-def load_pipeline(path: str | os.PathLike, *, dtype=None, shardings=None, **kwargs):
-    """Load a diffusers pipeline folder as jlora's JAX pipeline of its family.
+def load_pipeline(path: str | os.PathLike, *, config: str | os.PathLike | None = None, dtype=None, shardings=None,
+                  **kwargs):
+    """Load a diffusers pipeline folder (or a single-file checkpoint) as jlora's JAX pipeline of its family.
 
     Args:
-      path: the folder with `model_index.json`.
+      path: the folder with `model_index.json`, or a single `.safetensors` checkpoint (original SD/SDXL
+        layout, or a BFL Flux transformer) with `config`.
+      config: for a single file: a diffusers folder of the same model, for its configs, tokenizers and the
+        weights of components the file lacks (a Flux file holds only the transformer).
       dtype: params and compute dtype (e.g. `jnp.bfloat16`); None keeps float32 compute.
       shardings: `f(component) -> shardings` for `jlora.models.load_component` (e.g. FSDP over a mesh).
       **kwargs: family options (`scheduler=` for SD/SDXL).
     """
+    from converters.errors import ModelFileNotFoundError
+
     path = os.fspath(path)
+    if os.path.isfile(path):
+        if config is None:
+            raise ModelFileNotFoundError(
+                f"{path}: a single-file checkpoint has no configs or tokenizers; pass config= (--config) a diffusers "
+                "folder of the same model.")
+        kwargs["single_file"], path = path, os.fspath(config)
     family = family_of(path)
     if family == "flux":
         from jlora.pipelines.flux import Flux

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from converters.errors import ModelFileNotFoundError, UnsupportedModelError
+from converters.errors import ComponentNotInFileError, ModelFileNotFoundError, UnsupportedModelError
 from jlora.errors import JloraError, KeyMismatchError
 
 PyTree = Any
@@ -130,6 +130,30 @@ def read_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise UnsupportedModelError(f"{path}: not a JSON object.")
     return data
+
+
+def load_weights(path: str, name: str, single_file: str | None, *, dtype=None, shardings=None):
+    """`(model, params)` of component `name`: from `single_file` when given and it holds the component
+    (configs from the folder `path`), else from the folder's own weights."""
+    from jlora.models import load_component, load_single_file
+
+    sharding = shardings(name) if callable(shardings) and not _is_leaf_fn(shardings) else shardings
+    if single_file is not None:
+        try:
+            return load_single_file(single_file, name, config=path, dtype=dtype, shardings=sharding)
+        except ComponentNotInFileError:
+            logger.info("%s: %s comes from %s", single_file, name, path)
+    return load_component(path, name, dtype=dtype, shardings=sharding)
+
+
+def _is_leaf_fn(fn) -> bool:
+    """Whether `fn` is already a per-leaf `f(path, shape) -> Sharding` rather than `f(component)`."""
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters) == 2
+    except (TypeError, ValueError):
+        return False
 
 
 def load_tokenizer(directory: str):

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.models import flux as flux_model
-from jlora.models.checkpoint import load_component
 from jlora.pipelines import common, schedulers
 
 PyTree = Any
@@ -75,12 +74,13 @@ class Flux:
     data_sharding: Any = None  # where a batch's latents go (e.g. NamedSharding(mesh, P("data")))
 
     @classmethod
-    def load(cls, path: str, *, dtype=None, shardings=None, max_sequence_length: int | None = None) -> "Flux":
-        """Load a diffusers Flux folder; arguments as `StableDiffusion.load`."""
+    def load(cls, path: str, *, dtype=None, shardings=None, max_sequence_length: int | None = None,
+             single_file: str | None = None) -> "Flux":
+        """Load a diffusers Flux folder; arguments as `StableDiffusion.load` (a BFL `single_file` gives the
+        transformer; the folder the rest)."""
         models, params = {}, {}
         for name in ("text_encoder", "text_encoder_2", "transformer", "vae"):
-            models[name], params[name] = load_component(
-                path, name, dtype=dtype, shardings=shardings(name) if callable(shardings) else shardings)
+            models[name], params[name] = common.load_weights(path, name, single_file, dtype=dtype, shardings=shardings)
         toks = [common.load_tokenizer(os.path.join(path, t)) for t in ("tokenizer", "tokenizer_2")]
         sched = common.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
         vae_cfg = common.read_json(os.path.join(path, "vae", "config.json"))

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.errors import UnsupportedModelError
-from jlora.models.checkpoint import load_component
 from jlora.pipelines import common, schedulers
 
 PyTree = Any
@@ -73,16 +72,17 @@ class StableDiffusion:
     data_sharding: Any = None  # where a batch's latents go (e.g. NamedSharding(mesh, P("data")))
 
     @classmethod
-    def load(cls, path: str, *, dtype=None, shardings=None, scheduler: str | None = None) -> "StableDiffusion":
+    def load(cls, path: str, *, dtype=None, shardings=None, scheduler: str | None = None,
+             single_file: str | None = None) -> "StableDiffusion":
         """Load a diffusers SD/SDXL folder. `dtype` (e.g. `jnp.bfloat16`) for params and compute;
-        `shardings(component)` -> the `shardings` argument of `load_component` for that component."""
+        `shardings`: as `load_component`'s, or `f(component)` giving it per component; `single_file`: an
+        original-layout checkpoint whose weights replace the folder's (the folder gives configs and tokenizers)."""
         index = common.read_json(os.path.join(path, "model_index.json"))
         family = "sdxl" if "text_encoder_2" in index else "sd"
         names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
         params, models = {}, {}
         for name in names + ["unet", "vae"]:
-            models[name], params[name] = load_component(
-                path, name, dtype=dtype, shardings=shardings(name) if callable(shardings) else shardings)
+            models[name], params[name] = common.load_weights(path, name, single_file, dtype=dtype, shardings=shardings)
         toks = [common.load_tokenizer(os.path.join(path, t)) for t in (["tokenizer", "tokenizer_2"][: len(names)])]
         vae_cfg = common.read_json(os.path.join(path, "vae", "config.json"))
         sched = common.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
