@@ -37,6 +37,10 @@ class LoraFileNotFoundError(JloraError, FileNotFoundError):
     """The LoRA file, directory or Hub file could not be found."""
 
 
+class HubTimeoutError(LoraFileNotFoundError, TimeoutError):
+    """The Hugging Face Hub did not answer in time (see `JLORA_HUB_TIMEOUT`)."""
+
+
 class CorruptFileError(JloraError):
     """The file is not a readable safetensors file (truncated, bad header, bad offsets)."""
 
@@ -100,6 +104,7 @@ class UnsupportedModuleError(JloraError, NotImplementedError):
 __all__ = [
     "JloraError",
     "LoraFileNotFoundError",
+    "HubTimeoutError",
     "CorruptFileError",
     "ModelFileNotFoundError",
     "ComponentNotInFileError",

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from converters import safetensors_io
-from converters.errors import CorruptFileError, JloraError, LoraFileNotFoundError, UnsafeFileError
+from converters.errors import CorruptFileError, HubTimeoutError, JloraError, LoraFileNotFoundError, UnsafeFileError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LEGACY_WEIGHT_NAME = "pytorch_lora_weights.bin"
@@ -44,29 +44,83 @@ def _pick_in_directory(directory: str, weight_name: str | None, allow_pickle: bo
     raise LoraFileNotFoundError(f"{directory}: several weight files {files}; pass weight_name= to pick one.")
 
 
+HUB_TIMEOUT_ENV = "JLORA_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT = 120.0
+
+
+def hub_timeout() -> float:
+    """Seconds a Hub lookup may take in all (`JLORA_HUB_TIMEOUT`, default 120)."""
+    try:
+        value = float(os.environ.get(HUB_TIMEOUT_ENV, DEFAULT_HUB_TIMEOUT))
+    except ValueError:
+        return DEFAULT_HUB_TIMEOUT
+    return value if value > 0 else DEFAULT_HUB_TIMEOUT
+
+
+def _bounded(fn, seconds: float, what: str):
+    """`fn()` in a daemon thread, waited for at most `seconds`: a server that accepts connections and
+    never answers cannot hang the caller (or the interpreter's exit)."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name="jlora-hub", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise HubTimeoutError(f"{what}: the Hugging Face Hub did not answer within {seconds:g} s (network, or a "
+                              f"stalled endpoint); set {HUB_TIMEOUT_ENV} to wait longer, or pass a local path.")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _from_hub(repo_id: str, weight_name, subfolder, allow_pickle, **hub_kwargs) -> str:
     import huggingface_hub
     from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
+    timeout = hub_timeout()
+    download = dict(hub_kwargs, etag_timeout=min(10.0, timeout))
+
+    def fetch():
         if weight_name is not None:
-            return huggingface_hub.hf_hub_download(repo_id, weight_name, subfolder=subfolder, **hub_kwargs)
+            return huggingface_hub.hf_hub_download(repo_id, weight_name, subfolder=subfolder, **download)
         try:
-            return huggingface_hub.hf_hub_download(repo_id, WEIGHT_NAME, subfolder=subfolder, **hub_kwargs)
+            return huggingface_hub.hf_hub_download(repo_id, WEIGHT_NAME, subfolder=subfolder, **download)
         except (EntryNotFoundError, LocalEntryNotFoundError):
             patterns = ["*.safetensors"] + ([f"*{s}" for s in _PICKLE_SUFFIXES] if allow_pickle else [])
             if subfolder:
                 patterns = [f"{subfolder}/{p}" for p in patterns]
-            root = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, **hub_kwargs)
+            root = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=min(10.0, timeout),
+                                                     **hub_kwargs)
             return _pick_in_directory(os.path.join(root, subfolder or ""), None, allow_pickle)
+
+    name = f"{weight_name or WEIGHT_NAME!r}{f' in {subfolder!r}' if subfolder else ''}"
+    try:
+        return _bounded(fetch, timeout, repr(repo_id))
     except (HfHubHTTPError, LocalEntryNotFoundError, EntryNotFoundError, OSError, ValueError) as e:
         if isinstance(e, JloraError):
             raise
-        where = "the local Hugging Face cache" if hub_kwargs.get("local_files_only") else "the Hugging Face Hub"
+        offline = bool(hub_kwargs.get("local_files_only")) or huggingface_hub.constants.HF_HUB_OFFLINE
+        if offline:
+            why = ("offline (HF_HUB_OFFLINE or local_files_only) and the local Hugging Face cache does not hold "
+                   f"{name}")
+        elif isinstance(e, (EntryNotFoundError,)):
+            why = f"the Hub repo has no {name}"
+        elif isinstance(e, HfHubHTTPError) and getattr(getattr(e, "response", None), "status_code", None) in (401, 403, 404):
+            why = f"the Hub has no such repo, or it is private or gated (HTTP {e.response.status_code})"
+        elif isinstance(e, (LocalEntryNotFoundError, OSError)):
+            why = f"the Hub could not be reached ({type(e).__name__}) and the cache does not hold {name}"
+        else:
+            why = f"the Hub gave no {name} ({type(e).__name__})"
         raise LoraFileNotFoundError(
-            f"{repo_id!r}: not a local file or directory, and {where} has no "
-            f"{weight_name or WEIGHT_NAME!r}{f' in {subfolder!r}' if subfolder else ''} for it ({type(e).__name__}). "
-            "Check the path, repo id, weight_name and subfolder."
+            f"{repo_id!r}: not a local file or directory, and {why}. Check the path, repo id, weight_name and subfolder."
         ) from None
 
 

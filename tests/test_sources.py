@@ -327,3 +327,47 @@ def test_return_lora_metadata(lora):
     assert "q_proj" in metadata["text_encoder.target_modules"]
     _, empty = jlora.lora_state_dict(dict(tensors), return_lora_metadata=True)
     assert empty == {}
+
+
+_STALLED_CLIENT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from converters import sources
+from converters.errors import HubTimeoutError
+start = time.perf_counter()
+try:
+    sources.resolve_path("someorg/somerepo")
+    print("resolved")
+except HubTimeoutError as e:
+    print("HubTimeoutError", round(time.perf_counter() - start, 1), str(e)[:80])
+"""
+
+
+def test_a_stalled_hub_endpoint_times_out_with_a_typed_error(tmp_path):
+    """A server that accepts connections and never answers: the lookup gives up after
+    JLORA_HUB_TIMEOUT seconds with HubTimeoutError, and the process exits."""
+    import socket
+    import subprocess
+    import sys
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}", "JLORA_HUB_TIMEOUT": "3",
+           "HF_HOME": str(tmp_path / "hf")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run([sys.executable, "-c", _STALLED_CLIENT.format(root=root)], capture_output=True, text=True,
+                             timeout=60, env=env)
+    finally:
+        server.close()
+    assert out.returncode == 0, out.stderr[-2000:]
+    word, seconds, *_ = out.stdout.split()
+    assert word == "HubTimeoutError" and float(seconds) < 10, out.stdout
+
+
+def test_offline_hub_lookup_says_it_is_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(errors.LoraFileNotFoundError, match="offline"):
+        jlora.lora_state_dict("someorg/somerepo", local_files_only=True)
