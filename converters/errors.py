@@ -93,6 +93,14 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No checkpoint (or not the requested step) in the checkpoint directory."""
 
 
+class CheckpointCorruptError(CheckpointError):
+    """A committed checkpoint's files are truncated, missing or unreadable."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another process is writing checkpoints into the same directory."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not have the structure or shapes of the restore target."""
 
@@ -120,4 +128,6 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointMismatchError",
+    "CheckpointCorruptError",
+    "CheckpointLockedError",
 ]

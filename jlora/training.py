@@ -28,7 +28,8 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.core import apply
-from jlora.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, InvalidAdapterError
+from jlora.errors import (CheckpointCorruptError, CheckpointError, CheckpointLockedError, CheckpointMismatchError,
+                          CheckpointNotFoundError, InvalidAdapterError)
 from jlora.leaf import AdapterLeaf, is_adapter_leaf
 from jlora.loading import key_name
 
@@ -212,6 +213,64 @@ def _manager(directory, max_to_keep: int | None = None) -> ocp.CheckpointManager
     return ocp.CheckpointManager(_path(directory), options=options, item_handlers=_handler())
 
 
+COMMIT_MARKER = "_CHECKPOINT_METADATA"
+
+
+def committed_steps(directory) -> list[int]:
+    """The steps of `directory` that orbax finished writing (a step folder with its metadata file);
+    stray or half-written folders with a number for a name are not steps."""
+    root = _path(directory)
+    if not root.exists() or not root.is_dir():
+        return []
+    steps = []
+    for child in root.iterdir():
+        name = child.name
+        if name.isdigit() and child.is_dir() and (child / COMMIT_MARKER).exists():
+            steps.append(int(name))
+    return sorted(steps)
+
+
+def _check_directory(directory) -> None:
+    root = _path(directory)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{directory}: exists and is not a directory; pass a checkpoint directory.")
+
+
+class _Lock:
+    """An exclusive, non-blocking lock on a local checkpoint directory (single-process runs); a second
+    writer gets `CheckpointLockedError` instead of interleaving its files with the first's."""
+
+    def __init__(self, directory):
+        self.path = None if "://" in os.fspath(directory) or jax.process_count() > 1 else os.path.join(
+            os.path.abspath(os.fspath(directory)), ".jlora-checkpoint.lock")
+        self.fd = None
+
+    def __enter__(self):
+        if self.path is None:
+            return self
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise CheckpointLockedError(
+                f"{os.path.dirname(self.path)}: another process is writing checkpoints here; give each run its own "
+                "directory.") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+        return False
+
+
 def save_checkpoint(directory, step: int, state: PyTree, *, max_to_keep: int | None = None) -> str:
     """Save a training state (e.g. `{"adapter": A, "opt_state": S, "step": n}`) as checkpoint `step`.
 
@@ -220,7 +279,7 @@ def save_checkpoint(directory, step: int, state: PyTree, *, max_to_keep: int | N
 
     Args:
       directory: the checkpoint directory (created if missing); each step is a subfolder.
-      step: the step number naming the checkpoint.
+      step: the step number naming the checkpoint (an integer >= 0).
       state: a pytree of arrays, Python/numpy scalars and `None`: adapters and optax states.
       max_to_keep: keep only the newest checkpoints (default: keep all).
 
@@ -228,28 +287,37 @@ def save_checkpoint(directory, step: int, state: PyTree, *, max_to_keep: int | N
       The folder of this step.
 
     Raises:
-      CheckpointError: `directory` already holds this step or a later one (orbax would skip the save).
+      CheckpointError: `directory` already holds this step or a later one (orbax would skip the save),
+        is a file, or the write failed.
+      CheckpointLockedError: another process is saving into `directory`.
 
     >>> jlora.training.save_checkpoint("ckpt/", 100, {"adapter": adapter, "opt_state": opt_state, "step": 100})
     """
-    with _manager(directory, max_to_keep) as mngr:
-        newest = mngr.latest_step()
-        if newest is not None and newest >= int(step):
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise CheckpointError(f"save_checkpoint: step must be an integer >= 0, got {step!r}.")
+    _check_directory(directory)
+    with _Lock(directory):
+        steps = committed_steps(directory)
+        if steps and steps[-1] >= int(step):
             raise CheckpointError(
-                f"{directory} already holds step {newest}, so step {step} would not be saved; resume from it "
+                f"{directory} already holds step {steps[-1]}, so step {step} would not be saved; resume from it "
                 "(restore_checkpoint) or save the run to another directory."
             )
-        mngr.save(int(step), args=ocp.args.PyTreeSave(state))
-        mngr.wait_until_finished()
-        return os.fspath(mngr.directory / str(int(step)))
+        try:
+            with _manager(directory, max_to_keep) as mngr:
+                mngr.save(int(step), args=ocp.args.PyTreeSave(state), force=True)
+                mngr.wait_until_finished()
+                return os.fspath(mngr.directory / str(int(step)))
+        except CheckpointError:
+            raise
+        except Exception as e:  # orbax and tensorstore raise many kinds
+            raise CheckpointError(f"{directory}: writing checkpoint {step} failed ({type(e).__name__}: {e}).") from None
 
 
 def latest_step(directory) -> int | None:
-    """The newest checkpoint step in `directory`, or None when it holds none (or does not exist)."""
-    if not _path(directory).exists():
-        return None
-    with _manager(directory) as mngr:
-        return mngr.latest_step()
+    """The newest committed checkpoint step in `directory`, or None when it holds none (or does not exist)."""
+    steps = committed_steps(directory)
+    return steps[-1] if steps else None
 
 
 def _abstract(x):
@@ -296,14 +364,27 @@ def restore_checkpoint(directory, target: PyTree, step: int | None = None) -> Py
     """
     if not _path(directory).exists():
         raise CheckpointNotFoundError(f"{directory}: no such checkpoint directory.")
-    with _manager(directory) as mngr:
-        steps = mngr.all_steps()
-        step = mngr.latest_step() if step is None else int(step)
-        if step is None or step not in steps:
-            raise CheckpointNotFoundError(
-                f"{directory}: no checkpoint for step {step}; the directory holds steps {sorted(steps)}."
-            )
-        abstract = jax.tree.map(_abstract, target)
-        _check_target(mngr.item_metadata(step).tree, abstract, f"checkpoint {step} in {directory}")
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-        return mngr.restore(step, args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args))
+    _check_directory(directory)
+    steps = committed_steps(directory)
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+        raise CheckpointError(f"restore_checkpoint: step must be an integer, got {step!r}.")
+    step = (steps[-1] if steps else None) if step is None else int(step)
+    if step is None or step not in steps:
+        raise CheckpointNotFoundError(
+            f"{directory}: no committed checkpoint for step {step}; the directory holds steps {steps}."
+        )
+    where = f"checkpoint {step} in {directory}"
+    try:
+        with _manager(directory) as mngr:
+            metadata = mngr.item_metadata(step)
+            tree = getattr(metadata, "tree", None)
+            if tree is None:
+                raise CheckpointCorruptError(f"{where}: its metadata is missing or unreadable.")
+            abstract = jax.tree.map(_abstract, target)
+            _check_target(tree, abstract, where)
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+            return mngr.restore(step, args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args))
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated or deleted files surface as many kinds of errors
+        raise CheckpointCorruptError(f"{where}: cannot be read ({type(e).__name__}: {str(e)[:300]}).") from None
