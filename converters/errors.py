@@ -17,11 +17,16 @@ def _shorten(match: re.Match) -> str:
     return f"{word[:120]}...({len(word) - 220} more characters)...{word[-100:]}"
 
 
+def escape_control(text: str) -> str:
+    """`text` with terminal control characters (escape sequences, NUL, ...) written as `\\x..` escapes;
+    newlines and tabs stay."""
+    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
 def clean_message(message: str) -> str:
     """`message` with control characters escaped and any unbroken run over `MAX_WORD` characters
     (a hostile key name) cut to its head and tail."""
-    message = _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), message)
-    return _LONG_WORD.sub(_shorten, message)
+    return _LONG_WORD.sub(_shorten, escape_control(message))
 
 
 class JloraError(Exception):

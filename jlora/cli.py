@@ -71,12 +71,17 @@ def _run_inspect(args) -> int:
         _print_json(results)
     else:
         for r in results:
-            print(format_inspection(r) if "format" in r else f"{r['file']}\n  error       {r['error']}")
+            _print(format_inspection(r) if "format" in r else f"{r['file']}\n  error       {r['error']}")
     return code
 
 
 def _run_convert(args) -> int:
     from tqdm.auto import tqdm
+
+    from converters.errors import JloraError
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise JloraError(f"-o {args.out}: exists and is not a directory; name an output directory.")
 
     from jlora.inspection import convert_file, indexes_from_configs
 
@@ -92,16 +97,39 @@ def _run_convert(args) -> int:
     else:
         for r in results:
             if "error" in r:
-                print(f"{r['file']}: FAILED: {r['error']}", file=sys.stderr)
+                _print(f"{r['file']}: FAILED: {r['error']}", file=sys.stderr)
             else:
-                print(f"{r['file']} ({r['format']}, {r['family']}) -> {r['output']}: {r['targets']} weights")
+                _print(f"{r['file']} ({r['format']}, {r['family']}) -> {r['output']}: {r['targets']} weights")
     return code
 
 
+def _print(*parts, file=None) -> None:
+    """print, with the control characters of file-supplied text (key names) escaped."""
+    from converters.errors import escape_control
+
+    print(*(escape_control(str(p)) for p in parts), file=file or sys.stdout)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`jlora demo | inspect | convert`; user errors print one `error:` line and exit 2, never a traceback."""
+    from converters.errors import JloraError, clean_message
+
     if argv is None and hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `jlora inspect ... | head` exits quietly
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (JloraError, OSError, ValueError) as e:
+        text = clean_message(str(e)).replace("\n", " ")
+        print(f"error: {type(e).__name__}: {text}" if not isinstance(e, JloraError) else f"error: {text}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     if args.command == "demo":
         _ensure_host_devices(args.devices)
         from jlora.demo import run

@@ -144,8 +144,20 @@ def indexes_from_configs(family: str | None, unet_config: str | None) -> dict | 
         return None
     import json
 
-    with open(unet_config) as f:
-        cfg = json.load(f)
+    from converters.errors import ModelFileNotFoundError, UnsupportedModelError
+
+    try:
+        with open(unet_config, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise ModelFileNotFoundError(f"--unet-config {unet_config}: no such file.") from None
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"--unet-config {unet_config}: not a JSON config ({type(e).__name__}: {e}).") from None
+    if not isinstance(cfg, dict):
+        raise UnsupportedModelError(f"--unet-config {unet_config}: not a JSON object.")
     out = architectures.family_indexes(family or "sd")
-    out["unet"] = architectures.unet_index(cfg)
+    try:
+        out["unet"] = architectures.unet_index(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"--unet-config {unet_config}: not a diffusers UNet config ({type(e).__name__}: {e}).") from None
     return out

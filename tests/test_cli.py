@@ -150,3 +150,42 @@ def test_flux_kohya_file_inspect_and_convert(tmp_path, capsys):
                   "single_transformer_blocks.20.proj_out")
         for x in "AB"
     )
+
+
+@pytest.fixture
+def evil_file(tmp_path):
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    path = str(tmp_path / "evil.safetensors")
+    save_file({f"unet.{q}.lora_A.weight": np.ones((4, 320), np.float32), f"unet.{q}.lora_B.weight": np.ones((320, 4), np.float32),
+               "unet.x\x1b[2JEVIL.lora_A.weight": np.ones((4, 320), np.float32),
+               "unet.x\x1b[2JEVIL.lora_B.weight": np.ones((320, 4), np.float32)}, path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing-config", "bad-json-config", "list-config", "out-is-a-file", "missing-file"])
+def test_user_errors_print_one_line_without_traceback(tmp_path, capsys, evil_file, case):
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "a_file").write_text("x")
+    argv = {
+        "missing-config": ["inspect", evil_file, "--unet-config", str(tmp_path / "none.json")],
+        "bad-json-config": ["inspect", evil_file, "--unet-config", str(tmp_path / "bad.json")],
+        "list-config": ["convert", evil_file, "--to", "diffusers", "-o", str(tmp_path / "o"), "--unet-config",
+                        str(tmp_path / "list.json")],
+        "out-is-a-file": ["convert", evil_file, "--to", "diffusers", "-o", str(tmp_path / "a_file"), "--non-strict"],
+        "missing-file": ["inspect", str(tmp_path / "nothing.safetensors")],
+    }[case]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code in (1, 2)
+    assert "Traceback" not in captured.err + captured.out
+    if code == 2:
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_key_names_are_printed_with_control_characters_escaped(capsys, evil_file):
+    main(["inspect", evil_file])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "x\\x1b[2JEVIL" in out
