@@ -9,6 +9,8 @@ the reference image is far larger than that.
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,14 @@ def test_over_long_prompts_are_truncated_with_a_warning(caplog):
         got = pipe.generate(_requests([long]), latents=latents, default_guidance=GUIDANCE["sd"])
     assert any("truncated" in r.getMessage() for r in caplog.records)
     assert np.abs(got - want).max() <= TOL
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_bfloat16_pipeline_stays_close_to_diffusers_float32(name):
+    """bf16 params and compute (`dtype=jnp.bfloat16`), against diffusers' fp32 images: bf16 rounding only."""
+    pipe = load_pipeline(P.pipeline_dir(name), dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(pipe.params)} == {jnp.dtype(jnp.bfloat16)}
+    latents = P.initial_latents(name, 2, SIZE, SIZE, seed=5)
+    want = _torch_images(name, P.torch_pipeline(name), PROMPTS, latents)
+    got = _generate(name, pipe, _requests(PROMPTS), latents)
+    assert np.abs(got - want).mean() < 0.02 and np.abs(got - want).max() < 0.15
