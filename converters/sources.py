@@ -13,7 +13,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from converters import safetensors_io
-from converters.errors import CorruptFileError, HubTimeoutError, JloraError, LoraFileNotFoundError, UnsafeFileError
+from converters.errors import (CorruptFileError, HubTimeoutError, JloraError, LoraFileNotFoundError, ShapeMismatchError,
+                               UnsafeFileError)
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LEGACY_WEIGHT_NAME = "pytorch_lora_weights.bin"
@@ -192,21 +193,47 @@ def to_numpy(value: Any, key: str = "?") -> np.ndarray:
         ) from None
 
 
-def read_state_dict(source: Any, *, allow_pickle: bool = False, **resolve_kwargs) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+def check_size(key: str, shape, max_elements: int | None, origin: str) -> None:
+    """Refuse a tensor with more elements than `max_elements` (the largest weight it could adapt)."""
+    if max_elements is None:
+        return
+    n = int(np.prod([int(d) for d in shape], dtype=object)) if len(shape) else 1
+    if n > max_elements:
+        raise ShapeMismatchError(
+            f"{origin}: tensor {key} of shape {tuple(int(d) for d in shape)} ({n} elements) is far larger than any "
+            f"weight of the model it is loaded onto (the bound is {max_elements}); the file is for a larger model, or "
+            "corrupt. It was not read."
+        )
+
+
+def _read_safetensors(path: str, max_elements: int | None):
+    with safetensors_io.open_file(path) as f:
+        for key in f.keys():  # every shape checked before any tensor is read
+            check_size(key, f.shape(key), max_elements, path)
+        return {k: f.read(k) for k in f.keys()}, dict(f.metadata)
+
+
+def read_state_dict(source: Any, *, allow_pickle: bool = False, max_elements: int | None = None,
+                    **resolve_kwargs) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     """Read `(tensors, metadata, origin)` from a dict, a file, a directory or a Hub repo.
 
     A dict is copied, never modified. `origin` names where the tensors came from for messages.
+    `max_elements`: refuse (`ShapeMismatchError`) any tensor with more elements, before reading it.
     """
     if isinstance(source, Mapping):
         tensors = {}
         for k, v in source.items():
             if not isinstance(k, str):
                 raise CorruptFileError(f"state dict keys must be strings, got {k!r}.")
+            shape = getattr(v, "shape", None)
+            if shape is not None:  # arrays and tensors: refused before any copy
+                check_size(k, tuple(shape), max_elements, "<state dict>")
             tensors[k] = to_numpy(v, k)
+            check_size(k, tensors[k].shape, max_elements, "<state dict>")
         return tensors, {}, "<state dict>"
     path = resolve_path(source, allow_pickle=allow_pickle, **resolve_kwargs)
     if path.endswith(".safetensors"):
-        tensors, metadata = safetensors_io.load_file(path)
+        tensors, metadata = _read_safetensors(path, max_elements)
         return tensors, metadata, path
     if path.endswith(_PICKLE_SUFFIXES):
         if not allow_pickle:
@@ -215,7 +242,9 @@ def read_state_dict(source: Any, *, allow_pickle: bool = False, **resolve_kwargs
                 "torch.load(weights_only=True), or use a .safetensors file."
             )
         raw = _load_pickle(path)
+        for k, v in raw.items():
+            check_size(k, tuple(getattr(v, "shape", ())), max_elements, path)
         return {k: to_numpy(v, k) for k, v in raw.items()}, {}, path
     # Unknown suffix: try safetensors, the only format read without asking.
-    tensors, metadata = safetensors_io.load_file(path)
+    tensors, metadata = _read_safetensors(path, max_elements)
     return tensors, metadata, path

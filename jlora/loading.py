@@ -130,11 +130,25 @@ def _build_adapter(params: PyTree, placements, dtype) -> PyTree:
     return jax.tree_util.tree_map_with_path(lambda kp, _: by_path.get(path_of(kp)), params)
 
 
+SIZE_SLACK = 4
+SIZE_FLOOR = 2**22
+
+
+def max_target_elements(indexes) -> int:
+    """The size bound of any tensor a LoRA file for these params can hold: `SIZE_SLACK` times the largest
+    weight (a full diff or a LoKr factor is at most one weight; layer-stacked weights count whole), and at
+    least `SIZE_FLOOR`. A tensor past it is refused before it is read; one below it that fits no weight
+    still gets the usual key and shape errors."""
+    sizes = [int(np.prod(shape, dtype=np.int64)) for index in indexes.values() for shape, _ in index.values()]
+    return max(SIZE_SLACK * max(sizes, default=0), SIZE_FLOOR)
+
+
 def _load(source, targets: Mapping[str, PyTree], *, default_component, format, schemes, strict, dtype, metadata, file_kwargs):
-    tensors, header, origin = read_state_dict(source, **_split_file_kwargs(file_kwargs))
+    indexes = {c: shape_index(p) for c, p in targets.items()}
+    tensors, header, origin = read_state_dict(source, max_elements=max_target_elements(indexes),
+                                              **_split_file_kwargs(file_kwargs))
     if metadata is not None:
         header = {**header, "lora_adapter_metadata": metadata}
-    indexes = {c: shape_index(p) for c, p in targets.items()}
     placements, report = _convert(
         tensors, header, indexes, default_component=default_component, format=format, schemes=schemes, strict=strict, origin=origin
     )

@@ -1084,6 +1084,25 @@ def locon_tucker_core_rank_mismatch(env):
     return lambda: env.load(sd), [f"{KCONV}"], [sd]
 
 
+@case(errors.ShapeMismatchError)
+def sparse_file_of_16_gib(env):
+    """A valid header for a 16 GiB tensor over a sparse file: refused from the header, nothing read."""
+    n = 2**16
+    header = json.dumps({A_KEY: {"dtype": "F32", "shape": [n, n], "data_offsets": [0, 4 * n * n]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = env.path("sparse.safetensors")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 4 * n * n)
+    return lambda: env.load(path), [path, A_KEY, "(65536, 65536)", "not read"], []
+
+
+@case(errors.ShapeMismatchError)
+def state_dict_view_of_16_gib(env):
+    sd = {A_KEY: np.broadcast_to(np.float32(1), (2**16, 2**16)), B_KEY: ones(32, 4)}
+    return lambda: env.load(sd), [A_KEY, "(65536, 65536)"], [sd]
+
+
 # ---- saving paths ---------------------------------------------------------------------------
 
 
