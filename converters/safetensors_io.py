@@ -28,7 +28,7 @@ import ml_dtypes  # noqa: F401 - registers bfloat16/float8 with numpy, which saf
 import numpy as np
 import safetensors
 
-from converters.errors import CorruptFileError, LoraFileNotFoundError
+from converters.errors import CorruptFileError, InvalidAdapterError, LoraFileNotFoundError
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -316,7 +316,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metada
         arr = np.ascontiguousarray(np.asarray(tensors[key]))
         name = _NAMES.get(arr.dtype)
         if name is None:
-            raise TypeError(f"cannot write tensor {key!r}: dtype {arr.dtype} has no safetensors name")
+            raise InvalidAdapterError(f"cannot write tensor {key!r}: dtype {arr.dtype} has no safetensors name; cast it "
+                                      "to float32, float16 or bfloat16.")
         header[key] = {"dtype": name, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
         arrays.append(arr)

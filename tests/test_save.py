@@ -1,6 +1,7 @@
 """save_lora_weights writes a diffusers/PEFT file that diffusers loads with the original's outputs."""
 
 import json
+import os
 
 import jax
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import jlora
+from jlora import errors
 import reference as R
 from test_parity import PATTERNS, PIPELINES
 
@@ -58,3 +60,44 @@ def test_save_fp16_and_nothing_to_save(tmp_path):
     empty = jax.tree.map(lambda _: None, ref.flax_params)
     with pytest.raises(jlora.JloraError, match="nothing to save"):
         jlora.save_lora_weights(tmp_path / "e", {"text_encoder": empty})
+
+
+def test_concurrent_saves_of_one_file_never_mix_and_leave_no_temporary_files(tmp_path):
+    """Processes saving different adapters to the same path: every read-back is one whole adapter
+    (unique temporary names, then os.replace), and no temporary file stays behind."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"""
+import sys, numpy as np
+sys.path.insert(0, {root!r})
+from converters.safetensors_io import save_file
+v = float(sys.argv[1])
+for _ in range(30):
+    save_file({{"a": np.full((64, 64), v, np.float32), "b": np.full((64,), v, np.float32)}}, {str(tmp_path / 'x.safetensors')!r})
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(v)]) for v in (1.0, 2.0, 3.0, 4.0)]
+    from converters.safetensors_io import load_file
+
+    seen = set()
+    while any(p.poll() is None for p in procs):
+        if (tmp_path / "x.safetensors").exists():
+            try:
+                tensors, _ = load_file(tmp_path / "x.safetensors")
+            except errors.CorruptFileError as e:  # replaced between the name lookup and the open: said so
+                assert "replaced while it was being opened" in str(e)
+                continue
+            values = {float(v) for t in tensors.values() for v in np.unique(t)}
+            assert len(values) == 1, values  # one writer's whole file, never a mix
+            seen |= values
+    assert all(p.returncode == 0 for p in procs)
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path):
+    from converters.safetensors_io import save_file
+
+    with pytest.raises(errors.InvalidAdapterError, match="no safetensors name"):
+        save_file({"a": np.ones(3, np.complex64)}, tmp_path / "x.safetensors")
+    assert os.listdir(tmp_path) == []
