@@ -7,6 +7,7 @@ through `torch.load(weights_only=True)`, which refuses pickles that run code.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping
 
@@ -197,7 +198,7 @@ def check_size(key: str, shape, max_elements: int | None, origin: str) -> None:
     """Refuse a tensor with more elements than `max_elements` (the largest weight it could adapt)."""
     if max_elements is None:
         return
-    n = int(np.prod([int(d) for d in shape], dtype=object)) if len(shape) else 1
+    n = math.prod(int(d) for d in shape)
     if n > max_elements:
         raise ShapeMismatchError(
             f"{origin}: tensor {key} of shape {tuple(int(d) for d in shape)} ({n} elements) is far larger than any "

@@ -8,6 +8,7 @@ Every figure is a ratio measured in this one run, on this machine:
     python scripts/bench.py --kohya-sdxl    # loading a real-size SDXL kohya file (~190 MB fp16, ~10 GB RAM)
     python scripts/bench.py --serving       # hotswap into a warm jitted step; K LoRAs per sample in one call
     python scripts/bench.py --generate      # images/s, N prompts over K LoRAs: per-sample vs grouped vs diffusers
+    python scripts/bench.py --keys          # load time vs number of modules / unplaceable keys (linear?)
 
 Rows: file -> adapters (jlora) vs diffusers' lora_state_dict + load_lora_into_unet, and vs a raw
 safetensors read; the jitted step with the LoRA applied vs the base step (and vs the fused
@@ -161,12 +162,16 @@ def main() -> None:
     parser.add_argument("--serving", action="store_true", help="only the serving benchmark (hotswap, per-sample LoRAs)")
     parser.add_argument("--loras", type=int, default=4, help="--serving/--generate: number of LoRAs K")
     parser.add_argument("--generate", action="store_true", help="only the image-generation benchmark")
+    parser.add_argument("--keys", action="store_true", help="only the key-count scaling benchmark")
     parser.add_argument("--prompts", type=int, default=16, help="--generate: number of prompts N")
     parser.add_argument("--batch", type=int, default=8, help="--generate: batch size")
     parser.add_argument("--steps", type=int, default=10, help="--generate: denoising steps")
     parser.add_argument("--resolution", type=int, default=64, help="--generate: image height and width")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.keys:
+        bench_keys(args.repeat)
+        return
     if args.generate:
         bench_generate(args.prompts, args.loras, args.batch, args.steps, args.resolution, max(1, args.repeat // 3))
         return
@@ -392,6 +397,52 @@ def bench_generate(n: int, k: int, batch: int, steps: int, size: int, repeat: in
     print(f"{'run':<{w}}  {'ms':>9}  {'images/s':>9}  {'vs diffusers':>12}")
     for name, ms in rows:
         print(f"{name:<{w}}  {ms:9.1f}  {rate(ms):9.2f}  {t_torch / ms:12.2f}")
+
+
+
+def _synthetic(n: int, unplaceable: int = 0):
+    """Abstract params with `n` Dense kernels (8, 8) and a PEFT state dict for them (+ `unplaceable` keys)."""
+    index = {("blocks", str(i), "proj", "kernel"): ((8, 8), np.float32) for i in range(n)}
+    params = jlora.abstract_params(index)
+    a, b = np.ones((1, 8), np.float32), np.ones((8, 1), np.float32)
+    sd = {}
+    for i in range(n):
+        sd[f"unet.blocks.{i}.proj.lora_A.weight"], sd[f"unet.blocks.{i}.proj.lora_B.weight"] = a, b
+    for i in range(unplaceable):
+        sd[f"unet.elsewhere_{i}.proj.lora_A.weight"], sd[f"unet.elsewhere_{i}.proj.lora_B.weight"] = a, b
+    return params, sd
+
+
+def bench_keys(repeat: int) -> None:
+    """Load time per module at 1,000 vs 32,000 modules, and with 8,000 unplaceable keys (non-strict)."""
+    import warnings
+
+    rows = []
+    small, large = _synthetic(1000), _synthetic(32000)
+    t_small = _time(lambda: jlora.load_lora(small[1], small[0], "unet"), max(1, repeat // 3))
+    t_large = _time(lambda: jlora.load_lora(large[1], large[0], "unet"), 1)
+    rows.append(("load 32,000 modules / 1,000 modules (x32 = linear)", t_large, t_small, "per-module cost ratio = A/B/32"))
+    bad = _synthetic(1000, unplaceable=8000)
+
+    def non_strict():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return jlora.load_lora(bad[1], bad[0], "unet", strict=False)
+
+    t_bad = _time(non_strict, 1)
+    rows.append(("load 1,000 modules + 8,000 unplaceable / 1,000 modules", t_bad, t_small, "(9,000 keys / 1,000)"))
+    key = "unet." + "a." * 500_000 + "lora_A.weight"
+    t_key = _time(lambda: _expect_error(lambda: jlora.load_lora({key: np.ones((1, 8), np.float32)}, small[0], "unet")), 1)
+    rows.append(("1 MB key rejected / 1,000-module load", t_key, t_small, "a typed error"))
+    _print("\nkey scaling (synthetic abstract params, Dense (8, 8) kernels, rank 1)", rows)
+
+
+def _expect_error(fn):
+    try:
+        fn()
+    except jlora.JloraError:
+        return
+    raise AssertionError("expected a JloraError")
 
 
 if __name__ == "__main__":
