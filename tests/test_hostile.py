@@ -1490,3 +1490,31 @@ def test_factor_bombs_fail_under_a_memory_cap():
     lines = dict(line.split() for line in out.stdout.splitlines())
     assert lines == {"lokr_w2": "ShapeMismatchError", "lokr_w1": "ShapeMismatchError", "lokr_tucker": "ShapeMismatchError",
                      "loha_tucker": "ShapeMismatchError", "locon_tucker": "ShapeMismatchError"}, out.stdout
+
+
+def test_a_one_megabyte_key_fails_within_a_second(unet):
+    key = "unet." + "a." * 500_000 + "lora_A.weight"
+    sd = {key: np.ones((4, 32), np.float32)}
+    start = time.perf_counter()
+    with pytest.raises(errors.InvalidAdapterError) as e:
+        jlora.load_lora(sd, unet.flax_params, "unet")
+    assert time.perf_counter() - start < 1.0
+    assert len(str(e.value)) < 2_000
+
+
+def test_unplaceable_keys_cost_linear_time(unet):
+    """8,000 unplaceable modules (non-strict) against 1,000: the time grows with the count, not its square."""
+    def sd(n):
+        return {f"unet.elsewhere_{i}.proj.lora_{r}.weight": np.ones((1, 8) if r == "A" else (8, 1), np.float32)
+                for i in range(n) for r in "AB"}
+
+    def seconds(n):
+        d = sd(n)
+        start = time.perf_counter()
+        with warnings.catch_warnings(), pytest.raises(errors.JloraError):
+            warnings.simplefilter("ignore")
+            jlora.load_lora(d, unet.flax_params, "unet")
+        return time.perf_counter() - start
+
+    small, large = seconds(1000), seconds(8000)
+    assert large < 8 * 4 * max(small, 0.05)  # quadratic growth would be 64x
