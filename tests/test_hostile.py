@@ -1103,6 +1103,68 @@ def state_dict_view_of_16_gib(env):
     return lambda: env.load(sd), [A_KEY, "(65536, 65536)"], [sd]
 
 
+def _adapter_file(env, name, change_tensors=None, header=None):
+    """A `save_adapters` file of a LoRA on Q, with tensors and header changed."""
+    path = env.path(name)
+    jlora.save_adapters(path, {"unet": _adapter(env)})
+    tensors, meta = safetensors_io.load_file(path)
+    key = next(k for k in tensors if k.endswith("/a"))
+    tensors = change_tensors(tensors, key) if change_tensors else tensors
+    safetensors_io.save_file(tensors, path, header if header is not None else meta)
+    return path, key
+
+
+@case(errors.ShapeMismatchError)
+def adapter_file_factor_of_the_wrong_shape(env):
+    path, key = _adapter_file(env, "af_shape.safetensors", lambda t, k: {**t, k: ones(4, 5)})
+    return lambda: jlora.load_adapters(path, {"unet": env.unet}), [path, key[: -len("/a")], "(5,)"], []
+
+
+@case(errors.ShapeMismatchError)
+def adapter_file_saved_for_other_params(env):
+    path, key = _adapter_file(env, "af_other.safetensors", lambda t, k: {**t, k: ones(16, 4), k[:-1] + "b": ones(4, 16)})
+    return lambda: jlora.load_adapters(path, {"unet": env.unet}), [path, "(16, 16)", "(32, 32)"], []
+
+
+@case(errors.InvalidAdapterError)
+def adapter_file_alpha_nan(env):
+    path, key = _adapter_file(env, "af_nan.safetensors", lambda t, k: {**t, k[:-1] + "alpha": np.array(np.nan, np.float32)})
+    return lambda: jlora.load_adapters(path, {"unet": env.unet}), [path, "alpha", "non-finite"], []
+
+
+@case(errors.CorruptFileError)
+def adapter_file_layout_not_json(env):
+    path, _ = _adapter_file(env, "af_json.safetensors", header={"jlora_adapters": "{"})
+    return lambda: jlora.load_adapters(path, {"unet": env.unet}), [path, "jlora_adapters", "not JSON"], []
+
+
+@case(errors.CorruptFileError)
+def adapter_file_layout_a_list(env):
+    path, _ = _adapter_file(env, "af_list.safetensors", header={"jlora_adapters": "[]"})
+    return lambda: jlora.load_adapters(path, {"unet": env.unet}), [path, "not a JSON object"], []
+
+
+@case(errors.CorruptFileError)
+def adapter_file_unknown_leaf_kind(env):
+    name = "unet/down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel"
+    path, _ = _adapter_file(env, "af_kind.safetensors", header={"jlora_adapters": json.dumps({name: {"kind": "oft"}})})
+    return lambda: jlora.load_adapters(path, {"unet": env.unet}), [path, name, "'oft'"], []
+
+
+@case(errors.CorruptFileError)
+def adapter_file_missing_tensor(env):
+    path, key = _adapter_file(env, "af_missing.safetensors", lambda t, k: {x: v for x, v in t.items() if x != k})
+    return lambda: jlora.load_adapters(path, {"unet": env.unet}), [path, key], []
+
+
+@case(errors.CorruptFileError)
+def adapter_file_bad_static_fields(env):
+    name = "unet/down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel"
+    header = {"jlora_adapters": json.dumps({name: {"kind": "lora", "static": {"bogus": 1}}})}
+    path, _ = _adapter_file(env, "af_static.safetensors", header=header)
+    return lambda: jlora.load_adapters(path, {"unet": env.unet}), [path, name, "bogus"], []
+
+
 # ---- saving paths ---------------------------------------------------------------------------
 
 
