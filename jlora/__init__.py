@@ -1,6 +1,15 @@
 """jlora: LoRA loading, applying, fusing and saving for JAX/Flax diffusion models."""
 
 from jlora import errors
+from jlora.adapters import Adapters
+from jlora.adapters import delete_adapters
+from jlora.adapters import disable_lora
+from jlora.adapters import enable_lora
+from jlora.adapters import get_active_adapters
+from jlora.adapters import get_list_adapters
+from jlora.adapters import resolve
+from jlora.adapters import set_adapters
+from jlora.adapters import set_lora_device
 from jlora.adapter_file import load_adapters
 from jlora.adapter_file import save_adapters
 from jlora.core import apply
@@ -40,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NO_LORA",
+    "Adapters",
     "AdapterLeaf",
     "DiffLeaf",
     "DoraLeaf",
@@ -55,9 +65,14 @@ __all__ = [
     "apply",
     "combine",
     "count",
+    "delete_adapters",
     "delta",
+    "disable_lora",
+    "enable_lora",
     "errors",
     "fuse",
+    "get_active_adapters",
+    "get_list_adapters",
     "hotswap_template",
     "init_adapter",
     "is_adapter_leaf",
@@ -66,11 +81,14 @@ __all__ = [
     "load_lora_weights",
     "lora_state_dict",
     "pad_adapter",
+    "resolve",
     "per_sample",
     "per_sample_apply",
     "per_sample_variables",
     "save_adapters",
     "save_lora_weights",
+    "set_adapters",
+    "set_lora_device",
     "shard_adapter",
     "stack_adapters",
     "unfuse",

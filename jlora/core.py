@@ -7,6 +7,7 @@ pure and jittable; `scale` is a traced array, so changing it never recompiles.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -57,7 +58,7 @@ def delta(adapter: PyTree, scale=1.0) -> PyTree:
     return jax.tree.map(lambda leaf: None if leaf is None else s * leaf.delta(), adapter, is_leaf=is_adapter_leaf)
 
 
-def apply(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
+def apply(params: PyTree, adapter: PyTree, scale=1.0, *, component: str | None = None) -> PyTree:
     """Params with the adapter merged in: `W + scale * (alpha / r) * a @ b` for each adapted weight.
 
     The delta is computed in float32 and the result cast back to the weight's dtype.
@@ -67,10 +68,15 @@ def apply(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
       params: the model's params tree (linen dict, FrozenDict or nnx state).
       adapter: tree of the same structure with `None` or `LoraLeaf` leaves.
       scale: the call-time LoRA scale (diffusers' `cross_attention_kwargs={"scale": s}`).
+      component: with a `jlora.Adapters` collection, the component to take (its active adapters at their
+        weights, `jlora.resolve`).
 
     >>> y = jax.jit(lambda p, a, s, x: model.apply({"params": jlora.apply(p, a, s)}, x))(p, a, 0.8, x)
     """
     s = check_scale(scale, "apply")
+    adapter = _resolved(adapter, component, "apply")
+    if adapter is None:
+        return params
 
     def merge(leaf, w):
         if leaf is None:
@@ -94,33 +100,104 @@ def _find_nonfinite(fused: PyTree, adapter: PyTree) -> list[str]:
     ]
 
 
-def fuse(params: PyTree, adapter: PyTree, scale=1.0, *, safe_fusing: bool = False) -> PyTree:
+@dataclasses.dataclass(frozen=True)
+class FuseRecord:
+    """What `fuse(..., return_record=True)` merged: the adapter, the scale, and a fingerprint of the
+    adapter's arrays, so `unfuse` can subtract exactly that (or refuse another adapter or scale)."""
+
+    adapter: PyTree
+    scale: float
+    fingerprint: str
+
+    def __repr__(self) -> str:
+        return f"FuseRecord({count(self.adapter)} weights, scale={self.scale}, fingerprint={self.fingerprint[:12]})"
+
+
+def fingerprint(adapter: PyTree) -> str:
+    """A digest of an adapter's structure, shapes, dtypes and values (host-side; call outside `jit`)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    flat, treedef = jax.tree_util.tree_flatten(adapter)
+    h.update(str(treedef).encode())
+    for x in flat:
+        a = np.asarray(x)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _resolved(adapter, component, what: str):
+    """An `Adapters` collection resolved for `component`; any other adapter as it is."""
+    from jlora.adapters import Adapters, resolve
+
+    if isinstance(adapter, Adapters):
+        if component is None:
+            raise InvalidAdapterError(f"{what}: an Adapters collection needs component=, e.g. component='unet'.")
+        return resolve(adapter, component)
+    if component is not None:
+        raise InvalidAdapterError(f"{what}: component= is for an Adapters collection; this is one adapter tree.")
+    return adapter
+
+
+def fuse(params: PyTree, adapter: PyTree, scale=1.0, *, safe_fusing: bool = False, component: str | None = None,
+         return_record: bool = False):
     """Fuse the adapter into the weights once (diffusers' `fuse_lora(lora_scale=scale)`).
 
     Pure: returns new params, the input is not modified. With `safe_fusing=True`
     the fused weights are checked for NaN/inf and `UnsafeFusingError` names the
-    offending weights (call it outside `jit`).
+    offending weights (call it outside `jit`). `adapter` may be a `jlora.Adapters` with
+    `component=` (its active adapters at their weights, diffusers' `fuse_lora(adapter_names=...)`).
+    With `return_record=True` it returns `(fused, FuseRecord)`; `unfuse(fused, record)` then
+    subtracts exactly what was fused.
 
-    >>> fused = jlora.fuse(params, adapter, scale=0.8)
-    >>> restored = jlora.unfuse(fused, adapter, scale=0.8)
+    >>> fused, record = jlora.fuse(params, adapter, scale=0.8, return_record=True)
+    >>> restored = jlora.unfuse(fused, record)
     """
-    fused = _apply_jit(params, adapter, check_scale(scale, "fuse"))
-    if safe_fusing:
+    adapter = _resolved(adapter, component, "fuse")
+    s = check_scale(scale, "fuse")
+    fused = params if adapter is None else _apply_jit(params, adapter, s)
+    if safe_fusing and adapter is not None:
         bad = _find_nonfinite(fused, adapter)
         if bad:
             raise UnsafeFusingError(
                 f"fusing gives NaN/inf in {len(bad)} weights: {bad[:5]}; params were left as they were. "
                 "The LoRA file is corrupt or the scale overflows the weight dtype."
             )
+    if return_record:
+        return fused, FuseRecord(adapter, float(s), fingerprint(adapter))
     return fused
 
 
-def unfuse(params: PyTree, adapter: PyTree, scale=1.0) -> PyTree:
+def unfuse(params: PyTree, adapter, scale=None, *, record: FuseRecord | None = None, component: str | None = None) -> PyTree:
     """Undo `fuse(params, adapter, scale)` (subtracts the same delta, in float32).
 
+    `unfuse(fused, record)` takes adapter and scale from a `FuseRecord`. `unfuse(fused, adapter, scale,
+    record=record)` checks them against it. Without a record, `scale` defaults to 1.0.
+
     Raises:
-      InvalidAdapterError: the adapter has leaves whose merge is not additive (DoRA, set weights).
+      InvalidAdapterError: the adapter has leaves whose merge is not additive (DoRA, set weights), or
+        adapter / scale differ from the record's.
     """
+    if isinstance(adapter, FuseRecord):
+        if record is not None:
+            raise InvalidAdapterError("unfuse: give the FuseRecord once, as the adapter or as record=.")
+        record, adapter = adapter, adapter.adapter
+        if scale is not None and float(scale) != record.scale:
+            raise InvalidAdapterError(f"unfuse: scale {scale} differs from the fused scale {record.scale}.")
+        scale = record.scale
+    else:
+        adapter = _resolved(adapter, component, "unfuse")
+        if record is not None:
+            if fingerprint(adapter) != record.fingerprint:
+                raise InvalidAdapterError("unfuse: this adapter is not the one that was fused (its arrays differ from the "
+                                          f"record's, {record!r}); pass the record itself: unfuse(fused, record).")
+            scale = record.scale if scale is None else scale
+            if float(scale) != record.scale:
+                raise InvalidAdapterError(f"unfuse: scale {scale} differs from the fused scale {record.scale}.")
+    scale = 1.0 if scale is None else scale
+    if adapter is None:
+        return params
     leaves = jax.tree.leaves(adapter, is_leaf=is_adapter_leaf)
     if any(leaf is not None and not leaf.invertible for leaf in leaves):
         raise InvalidAdapterError(
