@@ -33,6 +33,7 @@ from jlora.leaf import SetLeaf
 from jlora.leaf import SumLeaf
 from jlora.leaf import is_adapter_leaf
 from jlora.loading import abstract_params
+from jlora.loading import apply_pipeline
 from jlora.loading import load_lora
 from jlora.loading import load_lora_weights
 from jlora.loading import lora_state_dict
@@ -63,6 +64,7 @@ __all__ = [
     "adapter_shardings",
     "adapter_specs",
     "apply",
+    "apply_pipeline",
     "combine",
     "count",
     "delete_adapters",

@@ -15,6 +15,9 @@ from jlora.leaf import DiffLeaf, DoraLeaf, LohaLeaf, LokrLeaf, LoraLeaf, SetLeaf
 
 PyTree = Any
 
+LORA_COMPONENTS = frozenset({"unet", "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4", "transformer",
+                             "transformer_2", "prior"})
+
 _FILE_KWARGS = ("weight_name", "subfolder", "allow_pickle", "local_files_only", "cache_dir", "revision", "token")
 
 
@@ -243,13 +246,14 @@ def load_lora_weights(
     fam = get_family(family)
     if not isinstance(params, Mapping) or not params:
         raise JloraError("load_lora_weights: params must be a dict {component: params}, e.g. {'unet': unet_params}.")
-    if fam is not None:
-        extra = set(params) - set(fam.components)
-        if extra:
-            raise JloraError(f"family {fam.name!r} has components {list(fam.components)}, not {sorted(extra)}.")
+    loadable = set(fam.components) if fam is not None else LORA_COMPONENTS
+    targets = {c: p for c, p in params.items() if c in loadable}
+    if not targets:
+        raise JloraError(f"load_lora_weights: none of the components {sorted(params)} takes LoRAs; "
+                         f"{'family ' + repr(fam.name) + ' has' if fam else 'LoRA components are'} {sorted(loadable)}.")
     adapters, report = _load(
         source,
-        dict(params),
+        targets,
         default_component=None,
         format=format,
         schemes=schemes,
@@ -259,4 +263,26 @@ def load_lora_weights(
         file_kwargs=file_kwargs,
     )
     report.adapter_name = adapter_name
+    adapters = {c: adapters.get(c) for c in params}  # vae, scheduler, ...: passed through as None
     return (adapters, report) if return_report else adapters
+
+
+def apply_pipeline(params: Mapping[str, PyTree], adapters: Mapping[str, PyTree | None], scale=1.0, *,
+                   text_encoder_scale=None) -> dict:
+    """A pipeline's params dict (e.g. `FlaxStableDiffusionPipeline`'s) with each component's adapter merged.
+
+    Components without an adapter (`vae`, `scheduler`, ...) are passed through as the same objects.
+    The denoiser gets `scale`; text encoders get `text_encoder_scale` (default: `scale`, as diffusers
+    applies its `lora_scale` to both). Jittable.
+
+    >>> adapters = jlora.load_lora_weights("lora.safetensors", pipeline_params, family="sd")
+    >>> images = pipeline(prompt_ids, jlora.apply_pipeline(pipeline_params, adapters, 0.8), rng, 30).images
+    """
+    from jlora.core import apply
+
+    te_scale = scale if text_encoder_scale is None else text_encoder_scale
+    out = dict(params)
+    for c, adapter in adapters.items():
+        if adapter is not None and c in params:
+            out[c] = apply(params[c], adapter, te_scale if c.startswith("text_encoder") else scale)
+    return out
