@@ -288,3 +288,24 @@ class SumLeaf(AdapterLeaf):
 def is_adapter_leaf(x) -> bool:
     """True for `None` (no adapter) and for adapter leaves; use as `is_leaf` in tree maps."""
     return x is None or isinstance(x, AdapterLeaf)
+
+
+def _leaf_repr(leaf) -> str:
+    """One line per leaf: field shapes and dtypes, scalars by value, never the arrays."""
+    parts = []
+    for f in dataclasses.fields(leaf):
+        v = getattr(leaf, f.name)
+        if isinstance(v, tuple) and f.name == "parts":
+            parts.append(f"parts=[{', '.join(_leaf_repr(p) for p in v)}]")
+        elif hasattr(v, "shape") and hasattr(v, "dtype"):
+            if v.shape == () and not isinstance(v, jax.core.Tracer):
+                parts.append(f"{f.name}={float(v):g}")
+            else:
+                parts.append(f"{f.name}={tuple(v.shape)} {v.dtype}")
+        else:
+            parts.append(f"{f.name}={v!r}")
+    return f"{type(leaf).__name__}({', '.join(parts)})"
+
+
+for _cls in (LoraLeaf, LohaLeaf, LokrLeaf, DiffLeaf, SetLeaf, DoraLeaf, SumLeaf):
+    _cls.__repr__ = _leaf_repr

@@ -196,3 +196,10 @@ def test_unfuse_knows_what_was_fused(setup):
         jlora.unfuse(fused, a, 0.5, record=record)
     with pytest.raises(errors.InvalidAdapterError, match="differs"):
         jlora.unfuse(fused, record, 0.5)
+
+
+def test_leaf_repr_is_one_line_of_shapes(setup):
+    _, _, _, _, ad = setup
+    leaf = next(x for x in jax.tree.leaves(ad.trees["a"]["unet"], is_leaf=jlora.is_adapter_leaf) if x is not None)
+    text = repr(leaf)
+    assert "\n" not in text and "Array(" not in text and text.startswith("LoraLeaf(a=(")
