@@ -1098,9 +1098,10 @@ def sparse_file_of_16_gib(env):
 
 
 @case(errors.ShapeMismatchError)
-def state_dict_view_of_16_gib(env):
-    sd = {A_KEY: np.broadcast_to(np.float32(1), (2**16, 2**16)), B_KEY: ones(32, 4)}
-    return lambda: env.load(sd), [A_KEY, "(65536, 65536)"], [sd]
+def state_dict_view_far_larger_than_any_weight(env):
+    """A (4096, 4096) broadcast view (no memory of its own): refused from its shape, never copied."""
+    sd = {A_KEY: np.broadcast_to(np.float32(1), (2**12, 2**12)), B_KEY: ones(32, 4)}
+    return lambda: env.load(sd), [A_KEY, "(4096, 4096)"], [sd]
 
 
 def _adapter_file(env, name, change_tensors=None, header=None):
