@@ -32,11 +32,22 @@ def _model_options(p: argparse.ArgumentParser, verb: str) -> None:
                    help="read .bin/.pt/.ckpt files with torch.load(weights_only=True); pickles can run code")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from jlora import __version__
+class _Version(argparse.Action):
+    """`--version`, importing jlora (and jax) only when asked."""
 
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from jlora import __version__
+
+        print(f"jlora {__version__}")
+        parser.exit()
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jlora", description="LoRA for JAX/Flax diffusion models.")
-    parser.add_argument("--version", action="version", version=f"jlora {__version__}", help="print the version and exit")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build a tiny UNet and LoRA in-process and show load/apply/fuse/save")
     demo.add_argument("--out", default=None, help="directory for the generated and saved LoRA files (default: a temp dir)")
@@ -168,7 +179,8 @@ def _print(*parts, file=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`jlora demo | inspect | convert`; user errors print one `error:` line and exit 2, never a traceback."""
+    """`jlora demo | inspect | convert`; user errors print one `error:` line and exit 2, never a traceback
+    (with `--json` also a JSON object with `error` and `error_type` on stdout)."""
     from converters.errors import JloraError, clean_message
 
     if argv is None and hasattr(signal, "SIGPIPE"):
@@ -180,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         text = clean_message(_hint(e, getattr(args, "allow_pickle", False))).replace("\n", " ")
         print(f"error: {type(e).__name__}: {text}" if not isinstance(e, JloraError) else f"error: {text}",
               file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": text, "error_type": type(e).__name__}))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -126,7 +126,7 @@ def _component_summary(records, report, metadata) -> dict[str, dict]:
         with_alpha = sum(c["file_alphas"].values())
         if with_alpha:
             source = "file" if with_alpha == c["modules"] else "file (others: alpha = rank)"
-        elif component_config(metadata, name).get("lora_alpha") is not None or component_config(metadata, name).get("alpha_pattern"):
+        elif any(component_config(metadata, name).get(k) for k in ("lora_alpha", "alpha_pattern")):
             source = "metadata"
         else:
             source = "none in file (alpha = rank)"
@@ -204,10 +204,10 @@ def _short(value: str, n: int = 100) -> str:
 
 
 def _component_line(name: str, c: dict) -> str:
-    placed = c["modules"] if c["placed_modules"] == c["modules"] else f"{c['modules']} ({c['placed_modules']} placed)"
-    counts = f"{placed} modules -> {c['weights']} weights"
+    placed = f"{c['modules']} modules" + ("" if c["placed_modules"] == c["modules"] else f" ({c['placed_modules']} placed)")
+    counts = f"{placed} -> {c['weights']} weights"
     if c["stacked_or_fused_weights"]:
-        counts = (f"{placed} modules -> {c['placements']} module weights on {c['weights']} weights "
+        counts = (f"{placed} -> {c['placements']} module weights on {c['weights']} weights "
                   f"({c['stacked_or_fused_weights']} stacked/fused)")
     if c["alpha_source"].startswith("file"):
         alphas = f"alphas {sorted(float(a) for a in c['file_alphas'])} from .alpha tensors"
@@ -312,13 +312,15 @@ def _read_config(path: str, option: str) -> dict:
     return cfg
 
 
-def clip_config_index(cfg: Mapping, dtype=np.float32) -> architectures.Index:
+def clip_config_index(cfg: Mapping, projection: bool = False, dtype=np.float32) -> architectures.Index:
     """The shape index of a transformers-Flax CLIP text model for a transformers `CLIPTextConfig` dict.
 
-    The model has a `text_projection` when the config's `architectures` name `CLIPTextModelWithProjection`.
+    The model has a `text_projection` when the config's `architectures` name `CLIPTextModelWithProjection`,
+    or, for a config without `architectures`, when `projection` is True.
     """
     text = cfg["text_config"] if isinstance(cfg.get("text_config"), Mapping) else cfg
-    with_projection = any("WithProjection" in str(a) for a in cfg.get("architectures") or ())
+    archs = cfg.get("architectures")
+    with_projection = any("WithProjection" in str(a) for a in archs) if archs else projection
     return architectures.clip_index(
         hidden_size=int(text["hidden_size"]), intermediate_size=int(text["intermediate_size"]),
         num_hidden_layers=int(text["num_hidden_layers"]),
@@ -333,7 +335,8 @@ def config_indexes(unet_config: str | None = None, text_encoder_config: str | No
     """Shape indexes of the components described by config files or folders holding a `config.json`.
 
     `unet_config`: a diffusers UNet config; `text_encoder_config` / `text_encoder_2_config`: transformers
-    CLIP text configs. Components without a config are left out.
+    CLIP text configs (text_encoder_2 has a projection unless its `architectures` say otherwise, as in
+    SDXL). Components without a config are left out.
 
     >>> config_indexes(unet_config="my-model/unet")  # doctest: +SKIP
     """
@@ -341,8 +344,8 @@ def config_indexes(unet_config: str | None = None, text_encoder_config: str | No
     for component, path, option, build, what in (
         ("unet", unet_config, "--unet-config", architectures.unet_index, "a diffusers UNet config"),
         ("text_encoder", text_encoder_config, "--text-encoder-config", clip_config_index, "a transformers CLIP text config"),
-        ("text_encoder_2", text_encoder_2_config, "--text-encoder-2-config", clip_config_index,
-         "a transformers CLIP text config"),
+        ("text_encoder_2", text_encoder_2_config, "--text-encoder-2-config",
+         lambda cfg: clip_config_index(cfg, projection=True), "a transformers CLIP text config"),
     ):
         if path is None:
             continue

@@ -1,5 +1,6 @@
 """`jlora inspect` and `jlora convert`: figures, JSON, and kohya -> diffusers files that diffusers loads."""
 
+import argparse
 import json
 import os
 
@@ -10,10 +11,11 @@ import pytest
 import jlora
 import reference as R
 from converters import architectures
+from converters.errors import UnsafeFileError
 from converters.naming import get_scheme
 from converters.safetensors_io import save_file
-from jlora.cli import main
-from jlora.inspection import convert_file, inspect_file
+from jlora.cli import _parser, main
+from jlora.inspection import OutputExistsError, config_indexes, convert_file, inspect_file
 from jlora.loading import shape_index
 
 
@@ -162,7 +164,8 @@ def evil_file(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("case", ["missing-config", "bad-json-config", "list-config", "out-is-a-file", "missing-file"])
+@pytest.mark.parametrize("case", ["missing-config", "bad-json-config", "list-config", "out-is-a-file", "missing-file",
+                                  "folder-without-config", "bad-text-encoder-config"])
 def test_user_errors_print_one_line_without_traceback(tmp_path, capsys, evil_file, case):
     (tmp_path / "bad.json").write_text("{")
     (tmp_path / "list.json").write_text("[1, 2]")
@@ -174,6 +177,8 @@ def test_user_errors_print_one_line_without_traceback(tmp_path, capsys, evil_fil
                         str(tmp_path / "list.json")],
         "out-is-a-file": ["convert", evil_file, "--to", "diffusers", "-o", str(tmp_path / "a_file"), "--non-strict"],
         "missing-file": ["inspect", str(tmp_path / "nothing.safetensors")],
+        "folder-without-config": ["inspect", evil_file, "--unet-config", str(tmp_path)],
+        "bad-text-encoder-config": ["inspect", evil_file, "--text-encoder-config", str(tmp_path / "list.json")],
     }[case]
     code = main(argv)
     captured = capsys.readouterr()
@@ -185,7 +190,175 @@ def test_user_errors_print_one_line_without_traceback(tmp_path, capsys, evil_fil
     assert (tmp_path / "a_file").read_text() == "x"
 
 
+def test_json_output_of_a_user_error_has_its_type(tmp_path, capsys, evil_file):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert main(["inspect", evil_file, "--unet-config", str(tmp_path / "list.json"), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["error_type"] == "UnsupportedModelError"
+    assert captured.err.startswith("error: --unet-config")
+
+
 def test_key_names_are_printed_with_control_characters_escaped(capsys, evil_file):
     main(["inspect", evil_file])
     out = capsys.readouterr().out
     assert "\x1b" not in out and "x\\x1b[2JEVIL" in out
+
+
+def test_inspect_exits_1_with_error_type_when_the_file_does_not_fit(tiny, tmp_path, capsys):
+    _, _, tiny_path, _, _ = tiny
+    assert main(["inspect", tiny_path, "--json"]) == 1  # tiny shapes checked against the standard SD-1.5 models
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "sd" and info["error_type"] == "ShapeMismatchError"
+    path = _full_size_kohya(str(tmp_path / "a.safetensors"), 0, n=5)
+    sd = dict(jlora.lora_state_dict(path))
+    sd["lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight"] = np.zeros((2, 320), np.float16)
+    sd["lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight"] = np.zeros((320, 2), np.float16)
+    save_file(sd, path)
+    assert main(["inspect", path, "--json"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert info["error_type"] == "KeyMismatchError" and info["targets"] == 5 and len(info["unplaced"]) == 2
+    assert main(["inspect", path]) == 1
+    assert "cannot place 2 keys" in capsys.readouterr().out
+
+
+def test_inspect_shows_kohya_training_metadata(tmp_path, capsys):
+    path = _full_size_kohya(str(tmp_path / "a.safetensors"), 0, n=3)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": "2", "ss_network_alpha": "1.0",
+            "ss_output_name": "my_style", "ss_tag_frequency": json.dumps({"d": {"tag": 3}}), "ss_seed": "42"}
+    save_file(jlora.lora_state_dict(path), path, metadata=meta)
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "network_module        networks.lora" in out and "output_name           my_style" in out
+    assert "tag_frequency" not in out and "kohya training metadata (6 ss_* keys)" in out
+    assert main(["inspect", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["training"] == meta
+
+
+def test_inspect_alphas_and_counts_agree_with_modules(tmp_path, capsys):
+    path = _full_size_kohya(str(tmp_path / "a.safetensors"), 0, n=7)
+    assert main(["inspect", path, "--json"]) == 0
+    unet = json.loads(capsys.readouterr().out)["components"]["unet"]
+    assert (unet["modules"], unet["placed_modules"], unet["weights"], unet["stacked_or_fused_weights"]) == (7, 7, 7, 0)
+    assert unet["file_alphas"] == {"1.0": 7} and unet["alpha_source"] == "file"
+    assert main(["inspect", path]) == 0
+    assert "7 modules -> 7 weights {'lora': 7}, ranks {'2': 7}, alphas [1.0] from .alpha tensors" in capsys.readouterr().out
+    save_file({k: v for k, v in jlora.lora_state_dict(path).items() if not k.endswith(".alpha")}, path)
+    assert main(["inspect", path]) == 0
+    assert "no alphas in file (alpha = rank)" in capsys.readouterr().out
+
+
+def test_inspect_alphas_from_peft_metadata(tiny):
+    _, _, _, indexes, d = tiny
+    info = inspect_file(os.path.join(d, R.LORA_WEIGHT_NAME), indexes=indexes)  # PEFT r=4, lora_alpha=8
+    unet = info["components"]["unet"]
+    assert info["format"] == "peft" and unet["alpha_source"] == "metadata" and unet["alphas"] == [8.0]
+    assert unet["file_alphas"] == {} and unet["modules"] == unet["weights"]
+    assert info["targets"] == info["weights"] == unet["weights"] + info["components"]["text_encoder"]["weights"]
+
+
+def _flux_double_only(path, alpha=True):
+    rng = np.random.default_rng(0)
+    d = 3072
+    sd = {}
+    for i in (3, 4):
+        sd[f"lora_unet_double_blocks_{i}_img_attn_qkv.lora_down.weight"] = rng.standard_normal((2, d)).astype(np.float16)
+        sd[f"lora_unet_double_blocks_{i}_img_attn_qkv.lora_up.weight"] = rng.standard_normal((3 * d, 2)).astype(np.float16)
+        sd[f"lora_unet_double_blocks_{i}_img_attn_proj.lora_down.weight"] = rng.standard_normal((2, d)).astype(np.float16)
+        sd[f"lora_unet_double_blocks_{i}_img_attn_proj.lora_up.weight"] = rng.standard_normal((d, 2)).astype(np.float16)
+        if alpha:
+            sd[f"lora_unet_double_blocks_{i}_img_attn_qkv.alpha"] = np.array(1.0, np.float16)
+    save_file(sd, path)
+    return path
+
+
+def test_flux_counts_explain_fused_and_stacked_weights(tmp_path, capsys):
+    path = _flux_double_only(str(tmp_path / "f.safetensors"))
+    assert main(["inspect", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    t = info["components"]["transformer"]
+    # 2 blocks x (qkv -> to_q, to_k, to_v; proj -> to_out.0) on the layer-stacked qkv and proj weights
+    assert (t["modules"], t["placements"], t["weights"], t["stacked_or_fused_weights"]) == (4, 8, 2, 2)
+    assert info["targets"] == 8 and info["weights"] == 2 and t["file_alphas"] == {"1.0": 2}
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "4 modules -> 8 module weights on 2 weights (2 stacked/fused)" in out
+    assert "alphas [1.0] from .alpha tensors (2 without: alpha = rank)" in out
+
+
+def test_family_is_guessed_from_the_format(tmp_path, capsys):
+    """A kohya-Flux file with only double blocks has no name that says Flux; its format does."""
+    path = _flux_double_only(str(tmp_path / "f.safetensors"))
+    assert main(["inspect", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "kohya_flux" and info["family"] == "flux" and info["family_guessed"] is True
+    assert not info["unplaced"] and "error" not in info
+    assert main(["convert", path, "--to", "flax", "-o", str(tmp_path / "out"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "flux"
+
+
+@pytest.mark.parametrize("as_folder", [True, False])
+def test_model_configs_from_files_or_folders(tiny, tmp_path, capsys, as_folder):
+    unet, te, path, indexes, _ = tiny
+    unet.torch_model.save_config(str(tmp_path / "unet"))
+    te.torch_model.config.save_pretrained(str(tmp_path / "text_encoder"))
+    where = {c: str(tmp_path / c) if as_folder else str(tmp_path / c / "config.json") for c in ("unet", "text_encoder")}
+    built = config_indexes(unet_config=where["unet"], text_encoder_config=where["text_encoder"])
+    for c in ("unet", "text_encoder"):
+        assert {p: s for p, (s, _) in built[c].items()} == {p: s for p, (s, _) in indexes[c].items()}
+    argv = ["inspect", path, "--unet-config", where["unet"], "--text-encoder-config", where["text_encoder"], "--json"]
+    assert main(argv) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["targets"] == inspect_file(path, indexes=indexes)["targets"] and not info["unplaced"]
+    assert main(argv[:-3] + ["--json"]) == 1  # without the text encoder's config its keys do not fit CLIP-L
+
+
+def test_text_encoder_2_config_with_projection(tmp_path):
+    te2 = R.build_clip_text_proj()
+    te2.torch_model.config.save_pretrained(str(tmp_path))
+    built = config_indexes(text_encoder_2_config=str(tmp_path))["text_encoder_2"]
+    assert {p: s for p, (s, _) in built.items()} == {p: s for p, (s, _) in shape_index(te2.flax_params).items()}
+    assert ("text_projection", "kernel") in built
+    assert ("text_projection", "kernel") not in config_indexes(text_encoder_config=str(tmp_path))["text_encoder"]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, architectures=["CLIPTextModel"])))
+    assert ("text_projection", "kernel") not in config_indexes(text_encoder_2_config=str(tmp_path))["text_encoder_2"]
+
+
+def test_pickle_refusal_names_the_cli_option(tmp_path, capsys):
+    path = tmp_path / "old.bin"
+    path.write_bytes(b"not read")
+    assert main(["inspect", str(path), "--json"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert info["error_type"] == "UnsafeFileError" and "--allow-pickle" in info["error"]
+    with pytest.raises(UnsafeFileError, match="allow_pickle=True"):  # the library's own message is unchanged
+        jlora.lora_state_dict(str(path))
+
+
+def test_version_and_help_on_every_argument(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"jlora {jlora.__version__}"
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in [("jlora", parser)] + list(subparsers.choices.items()):
+        for action in sub._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, (name, action.dest)
+
+
+def test_convert_refuses_to_overwrite(tmp_path, capsys):
+    path = _full_size_kohya(str(tmp_path / "a.safetensors"), 0, n=3)
+    argv = ["convert", path, "--to", "flax", "-o", str(tmp_path / "out"), "--json"]
+    assert main(argv) == 0
+    output = json.loads(capsys.readouterr().out)["output"]
+    with open(output, "ab") as f:
+        f.write(b"marker")
+    before = open(output, "rb").read()
+    assert main(argv) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["error_type"] == "OutputExistsError" and "--overwrite" in result["error"]
+    assert open(output, "rb").read() == before
+    with pytest.raises(OutputExistsError):
+        convert_file(path, str(tmp_path / "out"), family="sd", to="flax")
+    assert main(argv + ["--overwrite"]) == 0
+    assert open(output, "rb").read() != before
