@@ -53,6 +53,59 @@ def _component_state(component: str, adapter: PyTree, scheme, dtype):
     return tensors, ranks, alphas
 
 
+KOHYA_PREFIXES = {"unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te_",
+                  "text_encoder_2": "lora_te2_"}
+
+
+def _kohya_prefix(component: str, components) -> str:
+    if component == "text_encoder" and "text_encoder_2" in components:
+        return "lora_te1_"  # SDXL's two encoders
+    if component not in KOHYA_PREFIXES:
+        raise JloraError(f"save_lora_weights(format='kohya'): no kohya prefix for component {component!r}; "
+                         f"kohya files name {sorted(KOHYA_PREFIXES)}.")
+    return KOHYA_PREFIXES[component]
+
+
+def _kohya_state(component: str, adapter: PyTree, scheme, dtype, components) -> dict:
+    """kohya / A1111 keys `{prefix}{module with _}.lora_down.weight`, `.lora_up.weight`, `.alpha`.
+
+    Flux transformers in jlora's BFL layout are written per layer with BFL module names
+    (`lora_unet_double_blocks_3_img_attn_qkv`), as kohya's sd-scripts write Flux LoRAs; other
+    trees with the diffusers module names (`lora_unet_down_blocks_0_attentions_0_..._to_q`)."""
+    flat = jax.tree_util.tree_flatten_with_path(adapter, is_leaf=is_adapter_leaf)[0]
+    paths = [path_of(kp) for kp, _ in flat]
+    scheme = get_scheme(scheme) if scheme is not None else detect_scheme(paths)
+    prefix = _kohya_prefix(component, components)
+    tensors = {}
+    for path, leaf in zip(paths, (l for _, l in flat)):
+        if leaf is None:
+            continue
+        if not isinstance(leaf, LoraLeaf):
+            raise JloraError(f"{component}:{'/'.join(path)}: a {type(leaf).__name__} cannot be written as a kohya "
+                             "LoRA; only LoRA leaves can.")
+        if scheme.name == "jlora_flux":
+            a_all, b_all, alpha_all = to_host(leaf.a), to_host(leaf.b), to_host(leaf.alpha).astype(np.float64)
+            layers = range(a_all.shape[0]) if b_all.ndim == 3 else [None]
+            for layer in layers:
+                a, b = (a_all, b_all) if layer is None else (a_all[layer], b_all[layer])
+                alpha = float(alpha_all if alpha_all.ndim == 0 else alpha_all[layer])
+                parts = list(path[:-1]) if layer is None else [path[0], str(layer), *path[1:-1]]
+                _put_kohya(tensors, prefix + "_".join(parts), a, b, alpha, dtype)
+            continue
+        for module, a, b, alpha in _module_factors(leaf, scheme.sources(path[:-1], leaf.shape)):
+            _put_kohya(tensors, prefix + module.replace(".", "_"), a, b, alpha, dtype)
+    return tensors
+
+
+def _put_kohya(tensors: dict, name: str, a, b, alpha: float, dtype) -> None:
+    if dtype is not None:
+        a, b = a.astype(dtype), b.astype(dtype)
+    down, up = layout.factors_to_torch(a, b, conv=a.ndim == 4)
+    tensors[f"{name}.lora_down.weight"] = down
+    tensors[f"{name}.lora_up.weight"] = up
+    tensors[f"{name}.alpha"] = np.asarray(alpha, np.float32)
+
+
 def _module_factors(leaf: LoraLeaf, sources):
     """`(module, a, b, alpha)` per torch module stored in a (stacked, fused) LoRA leaf.
 
@@ -111,12 +164,15 @@ def save_lora_weights(
     schemes: Mapping[str, str | NamingScheme] | None = None,
     dtype=None,
     is_main_process: bool = True,
+    format: str = "diffusers",
 ) -> str:
-    """Write adapters as a diffusers/PEFT LoRA file that diffusers' `load_lora_weights` reads.
+    """Write adapters as a LoRA file that diffusers' `load_lora_weights` (and ComfyUI / A1111) read.
 
-    Keys are `{component}.{module}.lora_A.weight` / `lora_B.weight` in PyTorch layout;
-    the header carries `lora_adapter_metadata` (per-component `r`, `lora_alpha`,
-    `rank_pattern`, `alpha_pattern`, `target_modules`).
+    `format="diffusers"`: keys `{component}.{module}.lora_A.weight` / `lora_B.weight` in PyTorch
+    layout; the header carries `lora_adapter_metadata` (per-component `r`, `lora_alpha`,
+    `rank_pattern`, `alpha_pattern`, `target_modules`). `format="kohya"`: kohya / A1111 keys
+    `lora_unet_...`, `lora_te_...` (SDXL: `lora_te1_`, `lora_te2_`) with `lora_down` / `lora_up`
+    and an `.alpha` per module; Flux in BFL module names.
 
     Args:
       save_directory: created if missing.
@@ -140,9 +196,15 @@ def save_lora_weights(
     path = os.path.join(os.fspath(save_directory), weight_name)
     if not isinstance(adapters, Mapping):
         raise JloraError("save_lora_weights: adapters must be a dict {component: adapter}, e.g. {'unet': adapter}.")
+    if format not in ("diffusers", "kohya"):
+        raise JloraError(f"save_lora_weights: format must be 'diffusers' or 'kohya', got {format!r}.")
     tensors, metadata = {}, {}
+    present = [c for c, a in adapters.items() if a is not None]
     for component, adapter in adapters.items():
         if adapter is None:
+            continue
+        if format == "kohya":
+            tensors.update(_kohya_state(component, adapter, (schemes or {}).get(component), dtype, present))
             continue
         comp_tensors, ranks, alphas = _component_state(component, adapter, (schemes or {}).get(component), dtype)
         if not ranks:
@@ -153,5 +215,8 @@ def save_lora_weights(
         raise JloraError("save_lora_weights: the adapters hold no LoRA leaves; nothing to save.")
     if is_main_process:
         os.makedirs(os.fspath(save_directory), exist_ok=True)
-        save_file(tensors, path, {"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+        header = {"format": "pt"}
+        if metadata:
+            header[METADATA_KEY] = json.dumps(metadata, indent=2, sort_keys=True)
+        save_file(tensors, path, header)
     return path
