@@ -1,0 +1,247 @@
+"""Train a LoRA on a folder of images with captions: a diffusers SD 1.x / SDXL folder in, a LoRA file out.
+
+    python scripts/train_lora.py --model path/to/stable-diffusion-v1-5 --data photos/ --out lora/ \\
+        --resolution 512 --steps 1000 --batch 4 --rank 16 --lr 1e-4 --validation-prompt "a photo of sks dog"
+
+`photos/` holds images with same-name `.txt` captions, or a `metadata.jsonl` (`file_name`, `text`), or
+images only with `--instance-prompt` (DreamBooth). Images are resized, cropped and flipped as
+diffusers' scripts do (`jlora.data`), encoded once by the VAE and the text encoders and cached in
+`OUT/cache.safetensors`; each step samples the cached latent distribution and the noise and
+timesteps from `(seed, step)`, so a resumed run (`--resume`) takes the steps an uninterrupted one
+would. The objective is `train_text_to_image_lora.py`'s (epsilon or v-prediction from the
+scheduler config, optional `--snr-gamma`); SDXL adds its two text encoders, pooled embeddings and
+size/crop ids as `train_dreambooth_lora_sdxl.py` does. AdamW with warmup and a constant or cosine
+schedule, gradient clipping and accumulation; the batch is split over every device (`data` axis).
+
+Writes `OUT/checkpoints/<step>` (adapter and optimizer state, orbax) every `--save-every` steps,
+`OUT/validation/<step>.png` every `--validate-every` steps, and at the end
+`OUT/pytorch_lora_weights.safetensors` (`--format diffusers`, loads with `pipe.load_lora_weights`) or a
+kohya / A1111 file (`--format kohya`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a diffusers SD 1.x / SDXL pipeline folder")
+    p.add_argument("--data", required=True, help="folder of images with .txt captions or metadata.jsonl")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--instance-prompt", default=None, help="caption for images without one (DreamBooth)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--center-crop", action="store_true", help="center crop (default: random crop)")
+    p.add_argument("--random-flip", action="store_true")
+    p.add_argument("--steps", type=int, default=500, help="train up to this step")
+    p.add_argument("--batch", type=int, default=1, help="global batch per step (divides over the data axis)")
+    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps per update")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--targets", default=r"attn[12]/to_(q|k|v|out_0)", help="regex over the UNet's kernel paths")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="base weights' dtype")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--validation-prompt", default=None)
+    p.add_argument("--validate-every", type=int, default=100)
+    p.add_argument("--validation-steps", type=int, default=25, help="denoising steps of validation images")
+    p.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch", "accumulate", "rank", "save_every", "validate_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def encoders(pipe):
+    """Jitted VAE (pixels -> latent mean and log-variance, NCHW) and prompt encoders of a pipeline."""
+    import jax
+    import jax.numpy as jnp
+
+    vae, params = pipe.vae, pipe.params["vae"]
+
+    @jax.jit
+    def encode(pixels):
+        dist = vae.apply({"params": params}, pixels.astype(pipe.dtype), method=vae.encode).latent_dist
+        to_nchw = lambda x: jnp.transpose(x, (0, 3, 1, 2)).astype(jnp.float32)  # noqa: E731
+        return {"mean": to_nchw(dist.mean), "logvar": to_nchw(dist.logvar)}
+
+    def images(pixels):
+        return {k: jax.device_get(v) for k, v in encode(pixels).items()}
+
+    def captions(texts):
+        context, pooled = pipe.encode_prompts(list(texts), {})
+        out = {"context": jax.device_get(context)}
+        if pooled is not None:
+            out["pooled"] = jax.device_get(pooled)
+        return out
+
+    return images, captions
+
+
+def step_batch(cache, order, step: int, args, scaling: float, sdxl: bool):
+    """The batch of `step`: its examples' cached embeddings, a latent sample, noise and timesteps,
+    all drawn from `(seed, step)`."""
+    import numpy as np
+
+    from jlora import data
+
+    per_epoch = len(order(0))
+    epoch, j = divmod(step, per_epoch)
+    idx = order(epoch)[j]
+    rng = np.random.default_rng([args.seed, step])
+    mean, logvar = cache["latents/mean"][idx], cache["latents/logvar"][idx]
+    std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+    latents = (mean + std * rng.standard_normal(mean.shape).astype(np.float32)) * scaling
+    batch = {"latents": latents.astype(np.float32), "noise": rng.standard_normal(mean.shape).astype(np.float32),
+             "timesteps": rng.integers(0, 1000, len(idx)).astype(np.int32), "context": cache["captions/context"][idx]}
+    if sdxl:
+        batch["pooled"] = cache["captions/pooled"][idx]
+        batch["time_ids"] = data.sdxl_time_ids(cache["original_size"][idx], cache["crop_top_left"][idx],
+                                               args.resolution)
+    return batch
+
+
+def make_loss(pipe, args, alphas):
+    from jlora import objectives
+
+    unet, sdxl = pipe.unet, pipe.family == "sdxl"
+    prediction = pipe.scheduler_config.get("prediction_type", "epsilon")
+
+    def loss_fn(params, batch):
+        def model_fn(noisy, t):
+            added = {"text_embeds": batch["pooled"], "time_ids": batch["time_ids"]} if sdxl else None
+            return unet.apply({"params": params}, noisy, t, batch["context"], added, train=False).sample
+
+        return objectives.diffusion_loss(model_fn, batch["latents"], batch["noise"], batch["timesteps"], alphas,
+                                         prediction_type=prediction, snr_gamma=args.snr_gamma)
+
+    return loss_fn
+
+
+def optimizer(args):
+    import optax
+
+    from jlora import training
+
+    updates = max(1, args.steps // args.accumulate)
+    warmup = min(args.warmup, updates)
+    if args.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(warmup, 1) if warmup else 1, max(updates, warmup + 1))
+    else:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, args.lr, warmup), optax.constant_schedule(args.lr)],
+                                  [warmup]) if warmup else args.lr
+    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm),
+                     optax.adamw(lr, weight_decay=args.weight_decay))
+    if args.accumulate > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=args.accumulate)
+    return training.optimizer(tx)
+
+
+def validate(pipe, adapter, args, step: int, folder: str) -> str:
+    """A validation PNG of the LoRA at `step` (the LoRA goes through a diffusers file, as a user loads it)."""
+    import jlora
+    from jlora.pipelines import Lora, Request, common, images
+
+    os.makedirs(folder, exist_ok=True)
+    path = jlora.save_lora_weights(folder, {"unet": adapter}, weight_name=f"{step:06d}.safetensors")
+    pics = pipe.generate([Request(args.validation_prompt, loras=(Lora(path),), seed=args.seed,
+                                  steps=args.validation_steps, width=args.resolution, height=args.resolution)])
+    out = os.path.join(folder, f"{step:06d}.png")
+    images.write_png(out, common.to_uint8(pics)[0])
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    import jlora
+    from jlora import data, objectives, training
+    from jlora.errors import JloraError
+    from jlora.pipelines import load_pipeline
+
+    try:
+        pipe = load_pipeline(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None)
+        if pipe.family not in ("sd", "sdxl"):
+            raise JloraError(f"{args.model}: a {pipe.family} pipeline; this script trains SD 1.x / SDXL UNet LoRAs.")
+        data.check_resolution(args.resolution, pipe.vae_scale * 2 ** (len(pipe.unet.block_out_channels) - 1))
+        examples = data.read_folder(args.data, instance_prompt=args.instance_prompt)
+        if len(examples) < args.batch:
+            raise JloraError(f"{args.data}: {len(examples)} examples, fewer than --batch {args.batch}.")
+    except (JloraError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    if args.batch % mesh.shape["data"]:
+        mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    images_fn, captions_fn = encoders(pipe)
+    cache = data.cache_latents(examples, images_fn, captions_fn, os.path.join(args.out, "cache.safetensors"),
+                               resolution=args.resolution, seed=args.seed, key=f"{os.path.abspath(args.model)}",
+                               center_crop=args.center_crop, random_flip=args.random_flip,
+                               flip_before_crop=pipe.family == "sdxl")
+    order = lambda epoch: data.batches(len(examples), args.batch, seed=args.seed, epoch=epoch, drop_last=True)  # noqa: E731
+    scaling = pipe.vae_scaling_factor
+    alphas = objectives.alphas_cumprod(pipe.scheduler_config)
+
+    params = jax.device_put(pipe.params["unet"], NamedSharding(mesh, P()))
+    adapter = jlora.init_adapter(params, jax.random.key(args.seed), rank=args.rank, alpha=args.alpha,
+                                 targets=args.targets)
+    tx = optimizer(args)
+    opt_state = training.init_opt_state(tx, adapter)
+    ckpt = os.path.join(args.out, "checkpoints")
+    start = 0
+    if args.resume and training.latest_step(ckpt) is not None:
+        state = training.restore_checkpoint(ckpt, {"adapter": adapter, "opt_state": opt_state})
+        adapter, opt_state, start = state["adapter"], state["opt_state"], training.latest_step(ckpt)
+        print(f"resumed from step {start}")
+    step_fn = training.make_train_step(make_loss(pipe, args, alphas), tx)
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.steps, initial=start, desc="training", unit="step")
+    print(f"{pipe.family} UNet LoRA rank {args.rank} on {jlora.count(adapter)} kernels, {len(examples)} images, "
+          f"batch {args.batch} over {mesh.shape['data']} device(s)")
+    t0, losses = time.perf_counter(), []
+    for step in range(start, args.steps):
+        batch = data.shard_batch(step_batch(cache, order, step, args, scaling, pipe.family == "sdxl"), mesh)
+        adapter, opt_state, metrics = step_fn(adapter, opt_state, params, batch)
+        losses.append(float(metrics["loss"]))
+        done = step + 1
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", steps_per_s=f"{(done - start) / (time.perf_counter() - t0):.2f}")
+        if done % args.save_every == 0 or done == args.steps:
+            training.save_checkpoint(ckpt, done, {"adapter": adapter, "opt_state": opt_state}, max_to_keep=3)
+        if args.validation_prompt and (done % args.validate_every == 0 or done == args.steps):
+            validate(pipe, adapter, args, done, os.path.join(args.out, "validation"))
+    if bar:
+        bar.close()
+    weight_name = "pytorch_lora_weights.safetensors" if args.format == "diffusers" else "lora_kohya.safetensors"
+    path = jlora.save_lora_weights(args.out, {"unet": adapter}, weight_name=weight_name, format=args.format)
+    if losses:
+        print(f"steps {start + 1}..{args.steps}: loss first {losses[0]:.4f}, last {losses[-1]:.4f}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
