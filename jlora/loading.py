@@ -15,8 +15,9 @@ from jlora.leaf import DiffLeaf, DoraLeaf, LohaLeaf, LokrLeaf, LoraLeaf, SetLeaf
 
 PyTree = Any
 
-LORA_COMPONENTS = frozenset({"unet", "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4", "transformer",
-                             "transformer_2", "prior"})
+PASSED_THROUGH = frozenset({"vae", "scheduler", "safety_checker", "feature_extractor", "tokenizer", "tokenizer_2",
+                            "tokenizer_3", "image_encoder", "controlnet"})
+"""Pipeline components that take no LoRA: `load_lora_weights` gives them `None` and leaves them alone."""
 
 _FILE_KWARGS = ("weight_name", "subfolder", "allow_pickle", "local_files_only", "cache_dir", "revision", "token")
 
@@ -246,11 +247,14 @@ def load_lora_weights(
     fam = get_family(family)
     if not isinstance(params, Mapping) or not params:
         raise JloraError("load_lora_weights: params must be a dict {component: params}, e.g. {'unet': unet_params}.")
-    loadable = set(fam.components) if fam is not None else LORA_COMPONENTS
-    targets = {c: p for c, p in params.items() if c in loadable}
+    targets = {c: p for c, p in params.items() if c not in PASSED_THROUGH}
+    if fam is not None:
+        extra = set(targets) - set(fam.components)
+        if extra:
+            raise JloraError(f"family {fam.name!r} has components {list(fam.components)}, not {sorted(extra)} "
+                             f"(components that take no LoRA, {sorted(PASSED_THROUGH)}, are passed through).")
     if not targets:
-        raise JloraError(f"load_lora_weights: none of the components {sorted(params)} takes LoRAs; "
-                         f"{'family ' + repr(fam.name) + ' has' if fam else 'LoRA components are'} {sorted(loadable)}.")
+        raise JloraError(f"load_lora_weights: none of the components {sorted(params)} takes LoRAs.")
     adapters, report = _load(
         source,
         targets,

@@ -958,9 +958,9 @@ def fuse_scale_infinite(env):
 
 
 @case(errors.InvalidAdapterError)
-def unfuse_scale_none(env):
+def unfuse_scale_string(env):
     a = _adapter(env)
-    return lambda: jlora.unfuse(env.unet, a, None), ["unfuse", "None"], []
+    return lambda: jlora.unfuse(env.unet, a, "0.8"), ["unfuse", "'0.8'"], []
 
 
 @case(errors.InvalidAdapterError)
