@@ -17,6 +17,7 @@ from jlora.core import combine
 from jlora.core import count
 from jlora.core import delta
 from jlora.core import fuse
+from jlora.core import summary
 from jlora.core import unfuse
 from jlora.errors import JloraError
 from jlora.hotswap import hotswap_template
@@ -93,5 +94,6 @@ __all__ = [
     "set_lora_device",
     "shard_adapter",
     "stack_adapters",
+    "summary",
     "unfuse",
 ]

@@ -266,6 +266,25 @@ def combine(adapters: Mapping[str, PyTree] | Sequence[PyTree], weights=None) -> 
     return jax.tree_util.tree_unflatten(treedef, [stack(*leaves) for leaves in zip(*(f[0] for f in flat))])
 
 
+def summary(adapter: PyTree) -> str:
+    """One line about an adapter tree: weights adapted, leaf kinds, ranks and factor dtypes.
+
+    >>> jlora.summary(adapter)
+    'adapter: 64 weights (lora 64), ranks [4], float32'
+    """
+    from collections import Counter
+
+    leaves = [leaf for leaf in jax.tree.leaves(adapter, is_leaf=is_adapter_leaf) if leaf is not None]
+    if not leaves:
+        return "adapter: no weights"
+    kinds = Counter(type(leaf).__name__.removesuffix("Leaf").lower() for leaf in leaves)
+    ranks = sorted({int(leaf.rank) for leaf in leaves if hasattr(leaf, "rank")})
+    dtypes = sorted({str(x.dtype) for leaf in leaves for x in jax.tree.leaves(leaf) if getattr(x, "ndim", 0) >= 2})
+    kind_text = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+    rank_text = f", ranks {ranks}" if ranks else ""
+    return f"adapter: {len(leaves)} weights ({kind_text}){rank_text}, {'/'.join(dtypes) or 'no factors'}"
+
+
 def count(adapter: PyTree) -> int:
     """Number of adapted weights in an adapter tree."""
     return sum(1 for leaf in jax.tree.leaves(adapter, is_leaf=is_adapter_leaf) if leaf is not None)

@@ -203,3 +203,12 @@ def test_leaf_repr_is_one_line_of_shapes(setup):
     leaf = next(x for x in jax.tree.leaves(ad.trees["a"]["unet"], is_leaf=jlora.is_adapter_leaf) if x is not None)
     text = repr(leaf)
     assert "\n" not in text and "Array(" not in text and text.startswith("LoraLeaf(a=(")
+
+
+def test_summary_is_one_line(setup):
+    _, unet, _, _, ad = setup
+    text = jlora.summary(ad.trees["b"]["unet"])
+    n = jlora.count(ad.trees["b"]["unet"])
+    assert text == f"adapter: {n} weights (lora {n}), ranks [2], float32"
+    assert jlora.summary(jax.tree.map(lambda l: None, ad.trees["b"]["unet"], is_leaf=jlora.is_adapter_leaf)) == \
+        "adapter: no weights"
