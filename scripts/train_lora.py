@@ -1,4 +1,4 @@
-"""Train a LoRA on a folder of images with captions: a diffusers SD 1.x / SDXL folder in, a LoRA file out.
+"""Train a LoRA on a folder of images with captions: a diffusers SD 1.x / SDXL / Flux folder in, a LoRA file out.
 
     python scripts/train_lora.py --model path/to/stable-diffusion-v1-5 --data photos/ --out lora/ \\
         --resolution 512 --steps 1000 --batch 4 --rank 16 --lr 1e-4 --validation-prompt "a photo of sks dog"
@@ -10,7 +10,8 @@ diffusers' scripts do (`jlora.data`), encoded once by the VAE and the text encod
 timesteps from `(seed, step)`, so a resumed run (`--resume`) takes the steps an uninterrupted one
 would. The objective is `train_text_to_image_lora.py`'s (epsilon or v-prediction from the
 scheduler config, optional `--snr-gamma`); SDXL adds its two text encoders, pooled embeddings and
-size/crop ids as `train_dreambooth_lora_sdxl.py` does. AdamW with warmup and a constant or cosine
+size/crop ids as `train_dreambooth_lora_sdxl.py` does; Flux trains its transformer with the flow-matching
+loss of `train_dreambooth_lora_flux.py` (`--weighting-scheme`, `--guidance`). AdamW with warmup and a constant or cosine
 schedule, gradient clipping and accumulation; the batch is split over every device (`data` axis).
 
 Writes `OUT/checkpoints/<step>` (adapter and optimizer state, orbax) every `--save-every` steps,
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a diffusers SD 1.x / SDXL pipeline folder")
+    p.add_argument("--model", required=True, help="a diffusers SD 1.x / SDXL / Flux pipeline folder")
     p.add_argument("--data", required=True, help="folder of images with .txt captions or metadata.jsonl")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--instance-prompt", default=None, help="caption for images without one (DreamBooth)")
@@ -49,7 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    p.add_argument("--targets", default=r"attn[12]/to_(q|k|v|out_0)", help="regex over the UNet's kernel paths")
+    p.add_argument("--targets", default=None, help="regex over the denoiser's kernel paths (default: the attention "
+                   "projections: SD/SDXL attn[12]/to_(q|k|v|out_0), Flux (img|txt)_attn/(qkv|proj)|linear[12])")
+    p.add_argument("--weighting-scheme", default="none", choices=("none", "sigma_sqrt", "logit_normal", "mode", "cosmap"),
+                   help="Flux: timestep density and loss weighting (as the Flux script)")
+    p.add_argument("--guidance", type=float, default=3.5, help="Flux: the guidance embedding during training")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="base weights' dtype")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--validation-prompt", default=None)
@@ -83,7 +88,7 @@ def encoders(pipe):
         return {k: jax.device_get(v) for k, v in encode(pixels).items()}
 
     def captions(texts):
-        context, pooled = pipe.encode_prompts(list(texts), {})
+        context, pooled = pipe.encode_prompts(list(texts), {"text_encoder": None} if pipe.family == "flux" else {})
         out = {"context": jax.device_get(context)}
         if pooled is not None:
             out["pooled"] = jax.device_get(pooled)
@@ -92,9 +97,9 @@ def encoders(pipe):
     return images, captions
 
 
-def step_batch(cache, order, step: int, args, scaling: float, sdxl: bool):
-    """The batch of `step`: its examples' cached embeddings, a latent sample, noise and timesteps,
-    all drawn from `(seed, step)`."""
+def step_batch(cache, order, step: int, args, scaling: float, family: str, shift: float = 0.0, flow=None):
+    """The batch of `step`: its examples' cached embeddings, a latent sample, noise and timesteps
+    (Flux: and sigmas), all drawn from `(seed, step)`."""
     import numpy as np
 
     from jlora import data
@@ -105,19 +110,58 @@ def step_batch(cache, order, step: int, args, scaling: float, sdxl: bool):
     rng = np.random.default_rng([args.seed, step])
     mean, logvar = cache["latents/mean"][idx], cache["latents/logvar"][idx]
     std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-    latents = (mean + std * rng.standard_normal(mean.shape).astype(np.float32)) * scaling
+    latents = (mean + std * rng.standard_normal(mean.shape).astype(np.float32) - shift) * scaling
     batch = {"latents": latents.astype(np.float32), "noise": rng.standard_normal(mean.shape).astype(np.float32),
              "timesteps": rng.integers(0, 1000, len(idx)).astype(np.int32), "context": cache["captions/context"][idx]}
-    if sdxl:
+    if family == "flux":
+        tables_t, tables_s = flow
+        if args.weighting_scheme == "logit_normal":
+            u = 1 / (1 + np.exp(-rng.standard_normal(len(idx))))
+        else:
+            u = rng.random(len(idx))
+            if args.weighting_scheme == "mode":
+                u = 1 - u - 1.29 * (np.cos(np.pi * u / 2) ** 2 - 1 + u)
+        indices = (u * len(tables_t)).astype(np.int64)
+        batch["timesteps"], batch["sigmas"] = tables_t[indices], tables_s[indices]
+        batch["pooled"] = cache["captions/pooled"][idx]
+    if family == "sdxl":
         batch["pooled"] = cache["captions/pooled"][idx]
         batch["time_ids"] = data.sdxl_time_ids(cache["original_size"][idx], cache["crop_top_left"][idx],
                                                args.resolution)
     return batch
 
 
+def make_flux_loss(pipe, args):
+    import jax.numpy as jnp
+
+    from jlora import objectives
+    from jlora.models import flux as flux_model
+    from jlora.pipelines.flux import image_ids, pack, unpack
+
+    apply_fn = flux_model.make_apply(pipe.transformer.config, pipe.dtype)
+    guided = pipe.guidance_embeds
+
+    def loss_fn(params, batch):
+        h, w = batch["latents"].shape[-2:]
+
+        def model_fn(noisy, t):
+            txt = batch["context"]
+            out = apply_fn(params, pack(noisy), txt, batch["pooled"], t / 1000, jnp.asarray(image_ids(h, w)),
+                           jnp.zeros((txt.shape[1], 3), jnp.float32),
+                           jnp.full((noisy.shape[0],), args.guidance, jnp.float32) if guided else None)
+            return unpack(out, h, w)
+
+        return objectives.flow_matching_loss(model_fn, batch["latents"], batch["noise"], batch["timesteps"],
+                                             batch["sigmas"], weighting_scheme=args.weighting_scheme)
+
+    return loss_fn
+
+
 def make_loss(pipe, args, alphas):
     from jlora import objectives
 
+    if pipe.family == "flux":
+        return make_flux_loss(pipe, args)
     unet, sdxl = pipe.unet, pipe.family == "sdxl"
     prediction = pipe.scheduler_config.get("prediction_type", "epsilon")
 
@@ -151,13 +195,21 @@ def optimizer(args):
     return training.optimizer(tx)
 
 
+def denoiser(pipe) -> str:
+    return "transformer" if pipe.family == "flux" else "unet"
+
+
+DEFAULT_TARGETS = {"sd": r"attn[12]/to_(q|k|v|out_0)", "sdxl": r"attn[12]/to_(q|k|v|out_0)",
+                   "flux": r"(img|txt)_attn/(qkv|proj)|linear[12]"}
+
+
 def validate(pipe, adapter, args, step: int, folder: str) -> str:
     """A validation PNG of the LoRA at `step` (the LoRA goes through a diffusers file, as a user loads it)."""
     import jlora
     from jlora.pipelines import Lora, Request, common, images
 
     os.makedirs(folder, exist_ok=True)
-    path = jlora.save_lora_weights(folder, {"unet": adapter}, weight_name=f"{step:06d}.safetensors")
+    path = jlora.save_lora_weights(folder, {denoiser(pipe): adapter}, weight_name=f"{step:06d}.safetensors")
     pics = pipe.generate([Request(args.validation_prompt, loras=(Lora(path),), seed=args.seed,
                                   steps=args.validation_steps, width=args.resolution, height=args.resolution)])
     out = os.path.join(folder, f"{step:06d}.png")
@@ -179,9 +231,10 @@ def main(argv=None) -> int:
 
     try:
         pipe = load_pipeline(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None)
-        if pipe.family not in ("sd", "sdxl"):
-            raise JloraError(f"{args.model}: a {pipe.family} pipeline; this script trains SD 1.x / SDXL UNet LoRAs.")
-        data.check_resolution(args.resolution, pipe.vae_scale * 2 ** (len(pipe.unet.block_out_channels) - 1))
+        if pipe.family == "flux":
+            data.check_resolution(args.resolution, pipe.vae_scale * 2)
+        else:
+            data.check_resolution(args.resolution, pipe.vae_scale * 2 ** (len(pipe.unet.block_out_channels) - 1))
         examples = data.read_folder(args.data, instance_prompt=args.instance_prompt)
         if len(examples) < args.batch:
             raise JloraError(f"{args.data}: {len(examples)} examples, fewer than --batch {args.batch}.")
@@ -196,14 +249,19 @@ def main(argv=None) -> int:
     cache = data.cache_latents(examples, images_fn, captions_fn, os.path.join(args.out, "cache.safetensors"),
                                resolution=args.resolution, seed=args.seed, key=f"{os.path.abspath(args.model)}",
                                center_crop=args.center_crop, random_flip=args.random_flip,
-                               flip_before_crop=pipe.family == "sdxl")
+                               flip_before_crop=pipe.family in ("sdxl", "flux"))
     order = lambda epoch: data.batches(len(examples), args.batch, seed=args.seed, epoch=epoch, drop_last=True)  # noqa: E731
-    scaling = pipe.vae_scaling_factor
-    alphas = objectives.alphas_cumprod(pipe.scheduler_config)
+    if pipe.family == "flux":
+        scaling = float(pipe.vae_config.get("scaling_factor", 1.0))
+        shift = float(pipe.vae_config.get("shift_factor") or 0.0)
+        flow, alphas = objectives.flow_training_tables(pipe.scheduler_config), None
+    else:
+        scaling, shift, flow = pipe.vae_scaling_factor, 0.0, None
+        alphas = objectives.alphas_cumprod(pipe.scheduler_config)
 
-    params = jax.device_put(pipe.params["unet"], NamedSharding(mesh, P()))
+    params = jax.device_put(pipe.params[denoiser(pipe)], NamedSharding(mesh, P()))
     adapter = jlora.init_adapter(params, jax.random.key(args.seed), rank=args.rank, alpha=args.alpha,
-                                 targets=args.targets)
+                                 targets=args.targets or DEFAULT_TARGETS[pipe.family])
     tx = optimizer(args)
     opt_state = training.init_opt_state(tx, adapter)
     ckpt = os.path.join(args.out, "checkpoints")
@@ -218,11 +276,11 @@ def main(argv=None) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=args.steps, initial=start, desc="training", unit="step")
-    print(f"{pipe.family} UNet LoRA rank {args.rank} on {jlora.count(adapter)} kernels, {len(examples)} images, "
+    print(f"{pipe.family} {denoiser(pipe)} LoRA rank {args.rank} on {jlora.count(adapter)} kernels, {len(examples)} images, "
           f"batch {args.batch} over {mesh.shape['data']} device(s)")
     t0, losses = time.perf_counter(), []
     for step in range(start, args.steps):
-        batch = data.shard_batch(step_batch(cache, order, step, args, scaling, pipe.family == "sdxl"), mesh)
+        batch = data.shard_batch(step_batch(cache, order, step, args, scaling, pipe.family, shift, flow), mesh)
         adapter, opt_state, metrics = step_fn(adapter, opt_state, params, batch)
         losses.append(float(metrics["loss"]))
         done = step + 1
@@ -236,7 +294,7 @@ def main(argv=None) -> int:
     if bar:
         bar.close()
     weight_name = "pytorch_lora_weights.safetensors" if args.format == "diffusers" else "lora_kohya.safetensors"
-    path = jlora.save_lora_weights(args.out, {"unet": adapter}, weight_name=weight_name, format=args.format)
+    path = jlora.save_lora_weights(args.out, {denoiser(pipe): adapter}, weight_name=weight_name, format=args.format)
     if losses:
         print(f"steps {start + 1}..{args.steps}: loss first {losses[0]:.4f}, last {losses[-1]:.4f}")
     print(f"wrote {path}")

@@ -45,12 +45,13 @@ def _torch_images(family, lora_dir=None, weight_name="pytorch_lora_weights.safet
     if lora_dir:
         pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
     latents = P.initial_latents(family, 1, 32, 32, seed=9)
+    kw = {"max_sequence_length": P.T5_LEN} if family == "flux" else {}
     with torch.no_grad():
         return pipe(["a red cat"], height=32, width=32, num_inference_steps=3, guidance_scale=5.0,
-                    latents=torch.from_numpy(latents), output_type="np").images
+                    latents=torch.from_numpy(latents), output_type="np", **kw).images
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
 def test_trains_checkpoints_validates_and_writes_a_lora_diffusers_loads(tmp_path, photos, family, capsys):
     out = tmp_path / "run"
     assert train_lora.main(_args(P.pipeline_dir(family), photos, out, "--steps", "4", "--validation-prompt",
@@ -62,7 +63,8 @@ def test_trains_checkpoints_validates_and_writes_a_lora_diffusers_loads(tmp_path
     assert training_steps(out) == [2, 4]
     assert (out / "validation" / "000004.png").exists()
     tensors, header = load_file(out / "pytorch_lora_weights.safetensors")
-    assert all(k.startswith("unet.") for k in tensors) and "lora_adapter_metadata" in header
+    denoiser = "transformer" if family == "flux" else "unet"
+    assert all(k.startswith(denoiser + ".") for k in tensors) and "lora_adapter_metadata" in header
     base, tuned = _torch_images(family), _torch_images(family, out)
     assert np.abs(tuned - base).max() > 1e-3  # the trained LoRA changes diffusers' images
 
