@@ -12,8 +12,10 @@ function of (seed, step), so a resumed run sees the batches an uninterrupted one
 `OUT/checkpoints` every `--save-every` steps; at the end OUT/pytorch_lora_weights.safetensors is
 written in the diffusers format (`pipe.load_lora_weights(OUT)` reads it).
 
-Multi-host: start one process per host with `--distributed` (jax.distributed.initialize() reads
-the cluster from the environment); every process runs the same steps and checkpoints together,
+Multi-host: start one process per host with `--distributed` (on SLURM, Open MPI, Kubernetes and
+Cloud TPU pod slices jax.distributed.initialize() finds the cluster itself; elsewhere add
+`--coordinator host0:1234 --num-processes N --process-id I`); every process runs the same steps and
+checkpoints together,
 and only process 0 prints and writes the LoRA file.
 """
 
@@ -57,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    parser.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0 (needed "
+                        "outside SLURM, Open MPI, Kubernetes and Cloud TPU, which jax detects)")
+    parser.add_argument("--num-processes", type=int, default=None, help="with --coordinator: number of processes")
+    parser.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process's index")
     return parser.parse_args(argv)
 
 
@@ -130,7 +136,9 @@ def put_global(batch: dict, sharding) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.distributed:
-        jax.distributed.initialize()
+        cluster = {k: v for k, v in (("coordinator_address", args.coordinator), ("num_processes", args.num_processes),
+                                     ("process_id", args.process_id)) if v is not None}
+        jax.distributed.initialize(**cluster)
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *a, **k: None)
 
