@@ -184,3 +184,43 @@ def test_flux_flow_matching_loss_matches_the_flux_script(tmp_path):
     assert abs(without - float(value)) > 1e-3 * float(value)  # the LoRA is in the loss
     norms = [float(jnp.linalg.norm(x)) for x in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and max(norms) > 0
+
+
+def test_sdxl_loss_and_lora_gradients_match_the_sdxl_script(tmp_path_factory):
+    """`train_dreambooth_lora_sdxl.py`'s loss: the UNet gets the pooled text embeddings and the six
+    size/crop time ids (`added_cond_kwargs`), epsilon target, plain MSE."""
+    from diffusers import DDPMScheduler
+
+    unet = R.build_sdxl_unet()
+    lora = R.make_peft_lora_file(tmp_path_factory.mktemp("objxl") / "lora", [unet], rank=4, alpha=8, pipeline="sdxl")
+    rng = np.random.default_rng(5)
+    latents = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
+    noise = rng.standard_normal(latents.shape).astype(np.float32)
+    timesteps = np.array([120, 640])
+    context = rng.standard_normal((2, 7, 32)).astype(np.float32)
+    pooled = rng.standard_normal((2, 32)).astype(np.float32)
+    time_ids = np.array([[48, 40, 4, 0, 32, 32], [32, 36, 0, 2, 32, 32]], np.float32)
+
+    scheduler = DDPMScheduler(**SD_SCHEDULER)
+    model = _torch_lora_model(unet, lora, tanh_gelu=True)
+    x0, eps, t = torch.from_numpy(latents), torch.from_numpy(noise), torch.from_numpy(timesteps)
+    pred = model(scheduler.add_noise(x0, eps, t), t, torch.from_numpy(context),
+                 added_cond_kwargs={"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)},
+                 cross_attention_kwargs={"scale": SCALE}).sample
+    loss_t = torch.nn.functional.mse_loss(pred.float(), eps.float(), reduction="mean")
+    loss_t.backward()
+
+    adapter, report = jlora.load_lora(lora, unet.flax_params, "unet", return_report=True)
+    want = _torch_factors(model, report.placed, attr="grad")
+    fn = R.flax_apply_fn(unet)
+    ac = O.alphas_cumprod(SD_SCHEDULER)
+
+    def loss(a):
+        p = jlora.apply(unet.flax_params, a, SCALE)
+        return O.diffusion_loss(lambda x, ts: fn(p, x, ts, context, text_embeds=pooled, time_ids=time_ids),
+                                jnp.asarray(latents), jnp.asarray(noise), jnp.asarray(timesteps), ac)
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(adapter)
+    np.testing.assert_allclose(float(value), float(loss_t), rtol=1e-4)
+    err, total = _grad_error(grads, want)
+    assert total > 1e-4 and err <= 1e-4 * total, err / total
