@@ -9,6 +9,7 @@ Every figure is a ratio measured in this one run, on this machine:
     python scripts/bench.py --serving       # hotswap into a warm jitted step; K LoRAs per sample in one call
     python scripts/bench.py --generate      # images/s, N prompts over K LoRAs: per-sample vs grouped vs diffusers
     python scripts/bench.py --keys          # load time vs number of modules / unplaceable keys (linear?)
+    python scripts/bench.py --train         # LoRA training steps/s and peak memory: jlora vs diffusers + PEFT
 
 Rows: file -> adapters (jlora) vs diffusers' lora_state_dict + load_lora_into_unet, and vs a raw
 safetensors read; the jitted step with the LoRA applied vs the base step (and vs the fused
@@ -19,14 +20,23 @@ merged calls and vs the base step.
 --generate: text-to-image on a tiny saved SD pipeline (tests/pipelines_ref.py), N prompts spread over K
 LoRA files: jlora with per-sample LoRAs in mixed batches, jlora with batches grouped by LoRA (merged,
 one compiled step reused across LoRAs), and diffusers' torch pipeline grouped by LoRA (`set_adapters`).
+--train: LoRA fine-tuning steps with the epsilon-prediction MSE of diffusers' `train_text_to_image_lora.py`
+(DDPM `add_noise`, AdamW on the LoRA factors) on the same UNet, LoRA file, batch and latent size: jlora
+(`objectives.diffusion_loss`, `training.make_train_step`) vs diffusers + PEFT in torch (autograd,
+`torch.optim.AdamW`). Each side runs in a fresh subprocess, so its peak memory is its own: device peak on
+GPUs (jax `memory_stats`, `torch.cuda.max_memory_allocated`), resident-set growth over the loaded model on CPU.
+Both run diffusers' UNet as configured by default: the Flax one materializes the attention softmax, the torch
+one uses `scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,12 +78,15 @@ def _time(fn, repeat: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _print(title: str, rows) -> None:
+def _print(title: str, rows, head: tuple[str, str] = ("A ms", "B ms")) -> None:
+    """A table of (name, A, B, note) rows with A/B; a figure that is None prints as n/a."""
     print(title + "\n")
     w = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{w}}  {'A ms':>9}  {'B ms':>9}  {'A/B':>6}  note")
+    print(f"{'measure':<{w}}  {head[0]:>9}  {head[1]:>9}  {'A/B':>6}  note")
     for name, x, y, note in rows:
-        print(f"{name:<{w}}  {x:9.2f}  {y:9.2f}  {x / y:6.2f}  {note}")
+        xs, ys = (f"{v:9.2f}" if v is not None else f"{'n/a':>9}" for v in (x, y))
+        ratio = f"{x / y:6.2f}" if x is not None and y else f"{'n/a':>6}"
+        print(f"{name:<{w}}  {xs}  {ys}  {ratio}  {note}")
 
 
 def write_sdxl_kohya(path: str, rank: int = 32, seed: int = 0) -> int:
@@ -163,17 +176,29 @@ def main() -> None:
     parser.add_argument("--loras", type=int, default=4, help="--serving/--generate: number of LoRAs K")
     parser.add_argument("--generate", action="store_true", help="only the image-generation benchmark")
     parser.add_argument("--keys", action="store_true", help="only the key-count scaling benchmark")
+    parser.add_argument("--train", action="store_true", help="only the LoRA training benchmark (jlora vs diffusers+PEFT)")
+    parser.add_argument("--no-base", action="store_true", help="--train: skip the base-weights forward+backward rows")
+    parser.add_argument("--train-side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--prompts", type=int, default=16, help="--generate: number of prompts N")
-    parser.add_argument("--batch", type=int, default=8, help="--generate: batch size")
-    parser.add_argument("--steps", type=int, default=10, help="--generate: denoising steps")
+    parser.add_argument("--batch", type=int, help="--generate: batch size (default 8); --train: batch (default 4)")
+    parser.add_argument("--steps", type=int,
+                        help="--generate: denoising steps (default 10); --train: optimizer steps per timing (default 5)")
     parser.add_argument("--resolution", type=int, default=64, help="--generate: image height and width")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.train_side:
+        side = _train_side_jax if args.train_side == "jax" else _train_side_torch
+        result = side(args.size, args.rank, args.batch or 4, args.steps or 5, args.repeat, not args.no_base)
+        print(_RESULT + json.dumps(result), flush=True)
+        return
+    if args.train:
+        bench_train(args.size, args.rank, args.batch or 4, args.steps or 5, args.repeat, not args.no_base)
+        return
     if args.keys:
         bench_keys(args.repeat)
         return
     if args.generate:
-        bench_generate(args.prompts, args.loras, args.batch, args.steps, args.resolution, max(1, args.repeat // 3))
+        bench_generate(args.prompts, args.loras, args.batch or 8, args.steps or 10, args.resolution, max(1, args.repeat // 3))
         return
     if args.kohya_sdxl:
         bench_kohya_sdxl(args.repeat)
@@ -397,6 +422,270 @@ def bench_generate(n: int, k: int, batch: int, steps: int, size: int, repeat: in
     print(f"{'run':<{w}}  {'ms':>9}  {'images/s':>9}  {'vs diffusers':>12}")
     for name, ms in rows:
         print(f"{name:<{w}}  {ms:9.1f}  {rate(ms):9.2f}  {t_torch / ms:12.2f}")
+
+
+
+# ------------------------------------------------------------------------------------------ --train
+
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)  # train_text_to_image_lora.py defaults
+TEXT_TOKENS = 77
+_RESULT = "bench-train-result: "
+
+
+def _proc_status_kb(field: str) -> int | None:
+    """A `/proc/self/status` figure in kB (`VmRSS`, `VmHWM`), None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class _HostPeak:
+    """Peak resident memory of this process above its level at `start()`, in MB.
+
+    On Linux the kernel's high-water mark is reset at `start()` (`/proc/self/clear_refs`), so the figure is the
+    growth over what was resident then. Elsewhere it is `ru_maxrss`, the peak since the process began.
+    """
+
+    def start(self) -> "_HostPeak":
+        import resource
+
+        self.base = _proc_status_kb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "RSS growth over the loaded model"
+        except OSError:
+            self.base, self.method = None, "ru_maxrss of the process"
+        self._resource = resource
+        return self
+
+    def mb(self) -> float:
+        if self.base is not None:
+            hwm = _proc_status_kb("VmHWM")
+            if hwm is not None:
+                return max(0, hwm - self.base) / 1024
+        maxrss = self._resource.getrusage(self._resource.RUSAGE_SELF).ru_maxrss
+        return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, kB on Linux
+
+
+def _progress(message: str) -> None:
+    print(f"[bench --train] {message}", file=sys.stderr, flush=True)
+
+
+def _overall(first: _HostPeak, first_mb: float, warm: _HostPeak) -> float:
+    """Peak growth over `first.start()` across both windows: up to `warm.start()`, then `warm`'s own."""
+    if first.base is None or warm.base is None:
+        return warm.mb()  # ru_maxrss: already the peak of the whole process
+    return max(first_mb, (warm.base - first.base) / 1024 + warm.mb())
+
+
+def _warm_mb(warm: _HostPeak) -> float | None:
+    """Growth over the warm steps alone; None where only the process-wide `ru_maxrss` is known."""
+    return warm.mb() if warm.base is not None else None
+
+
+def _train_setup(size: str, rank: int, batch: int):
+    """The UNet, a PEFT LoRA file (rank, alpha = rank, diffusers' targets) and one seeded training batch."""
+    cfg = _config(size)
+    ref = R._unet_ref(f"bench_{size}", cfg, 0, lambda rng: {})
+    path = R.make_peft_lora_file(tempfile.mkdtemp(prefix="jlora-bench-train-"), [ref], rank=rank, alpha=rank,
+                                 pipeline="sd")
+    rng = np.random.default_rng(1)
+    shape = (batch, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
+    data = {
+        "latents": rng.standard_normal(shape).astype(np.float32),
+        "noise": rng.standard_normal(shape).astype(np.float32),
+        "timesteps": rng.integers(0, SD_SCHEDULER["num_train_timesteps"], batch),
+        "encoder_hidden_states": rng.standard_normal((batch, TEXT_TOKENS, cfg["cross_attention_dim"])).astype(np.float32),
+    }
+    return ref, path, data
+
+
+def _train_side_jax(size: str, rank: int, batch: int, steps: int, repeat: int, base: bool) -> dict:
+    """jlora: `diffusion_loss` + `make_train_step` with AdamW on the LoRA factors."""
+    import warnings
+
+    import optax
+
+    from jlora import objectives, training
+
+    ref, path, data = _train_setup(size, rank, batch)
+    _progress(f"jlora: UNet {size} and LoRA built")
+    device = jax.devices()[0]
+    fn = R.flax_apply_fn(ref)
+    ac = jax.device_put(objectives.alphas_cumprod(SD_SCHEDULER))
+
+    def loss_fn(p, b):
+        return objectives.diffusion_loss(lambda x, t: fn(p, x, t, b["encoder_hidden_states"]), b["latents"],
+                                         b["noise"], b["timesteps"], ac)
+
+    params = jax.device_put(ref.flax_params, device)
+    adapter = jlora.load_lora(path, params, "unet")
+    leaves = [x for x in jax.tree.leaves(adapter, is_leaf=jlora.is_adapter_leaf) if x is not None]
+    trainable = sum(leaf.a.size + leaf.b.size for leaf in leaves)
+    b = jax.device_put(data, device)
+    jax.block_until_ready((params, adapter, b))
+    host = _HostPeak().start()
+
+    tx = training.optimizer(optax.adamw(ADAMW["lr"], b1=ADAMW["betas"][0], b2=ADAMW["betas"][1], eps=ADAMW["eps"],
+                                        weight_decay=ADAMW["weight_decay"]))
+    opt_state = training.init_opt_state(tx, adapter)
+    step = training.make_train_step(loss_fn, tx, donate=True)
+    t = time.perf_counter()
+    compiled = step.lower(adapter, opt_state, params, b).compile()
+    compile_ms = (time.perf_counter() - t) * 1e3
+    _progress(f"jlora: train step compiled in {compile_ms / 1e3:.1f} s")
+    analysis = compiled.memory_analysis()
+    plan_mb = None if analysis is None else analysis.temp_size_in_bytes / 2**20
+    state = [jax.tree.map(jax.numpy.copy, x) for x in (adapter, opt_state)]  # donated: no buffer shared twice
+
+    def run(k):
+        a, s = state
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # backends that cannot donate say so on every call
+            for _ in range(k):
+                a, s, metrics = compiled(a, s, params, b)
+            jax.block_until_ready((a, s, metrics))
+        state[:] = a, s
+        return float(metrics["loss"])
+
+    t = time.perf_counter()
+    loss = run(1)
+    first_ms = compile_ms + (time.perf_counter() - t) * 1e3
+    first_mb, warm = host.mb(), _HostPeak().start()
+    step_ms = _time(lambda: run(steps), repeat) / steps
+    _progress(f"jlora: {step_ms:.1f} ms per step")
+    stats = device.memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        peak_mb, steps_mb, method = stats["peak_bytes_in_use"] / 2**20, None, f"{device.platform} peak_bytes_in_use"
+    else:
+        peak_mb, steps_mb, method = _overall(host, first_mb, warm), _warm_mb(warm), host.method
+    out = dict(step_ms=step_ms, first_ms=first_ms, compile_ms=compile_ms, peak_mb=peak_mb, steps_mb=steps_mb,
+               memory=method,
+               plan_mb=plan_mb, loss=loss, trainable=int(trainable), modules=len(leaves),
+               n_params=int(sum(x.size for x in jax.tree.leaves(params))), platform=device.platform,
+               device=getattr(device, "device_kind", device.platform), version=jax.__version__)
+    if base:
+        grad = jax.jit(jax.value_and_grad(loss_fn))
+        out["base_ms"] = _time(lambda: jax.block_until_ready(grad(params, b)), repeat)
+    return out
+
+
+def _train_side_torch(size: str, rank: int, batch: int, steps: int, repeat: int, base: bool) -> dict:
+    """diffusers + PEFT: the LoRA file loaded into the torch UNet, autograd, `torch.optim.AdamW` on the factors."""
+    from diffusers import DDPMScheduler
+
+    torch.set_grad_enabled(True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ref, path, data = _train_setup(size, rank, batch)
+    _progress(f"torch: UNet {size} and LoRA built")
+    model = R.torch_model_with_lora(ref, path)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    model.to(device).train()
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    t = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in data.items()}
+    scheduler = DDPMScheduler(**SD_SCHEDULER)
+    sync()
+    host = _HostPeak().start()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    optimizer = torch.optim.AdamW(lora_params, **ADAMW)
+
+    def loss_of(m):
+        noisy = scheduler.add_noise(t["latents"], t["noise"], t["timesteps"])
+        pred = m(noisy, t["timesteps"], t["encoder_hidden_states"], return_dict=False)[0]
+        return torch.nn.functional.mse_loss(pred.float(), t["noise"].float(), reduction="mean")
+
+    def run(k):
+        for _ in range(k):
+            loss = loss_of(model)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        sync()
+        return float(loss.detach())
+
+    start = time.perf_counter()
+    loss = run(1)
+    first_ms = (time.perf_counter() - start) * 1e3
+    _progress(f"torch: first step {first_ms / 1e3:.1f} s")
+    first_mb, warm = host.mb(), _HostPeak().start()
+    step_ms = _time(lambda: run(steps), repeat) / steps
+    _progress(f"torch: {step_ms:.1f} ms per step")
+    if device.type == "cuda":
+        peak_mb, steps_mb, method = torch.cuda.max_memory_allocated() / 2**20, None, "cuda max_memory_allocated"
+    else:
+        peak_mb, steps_mb, method = _overall(host, first_mb, warm), _warm_mb(warm), host.method
+    out = dict(step_ms=step_ms, first_ms=first_ms, peak_mb=peak_mb, steps_mb=steps_mb, memory=method, loss=loss,
+               trainable=int(sum(p.numel() for p in lora_params)), device=device.type, version=torch.__version__,
+               modules=sum(1 for n, _ in model.named_parameters() if n.endswith(".lora_A.default.weight")))
+    if base:
+        plain = copy.deepcopy(ref.torch_model).to(device).train().requires_grad_(True)
+
+        def forward_backward():
+            loss_of(plain).backward()
+            plain.zero_grad(set_to_none=True)
+            sync()
+
+        out["base_ms"] = _time(forward_backward, repeat)
+    return out
+
+
+def _run_train_side(side: str, size: str, rank: int, batch: int, steps: int, repeat: int, base: bool) -> dict:
+    """One side in a fresh interpreter (its own peak memory; jax and torch never share a GPU process)."""
+    env = dict(os.environ)
+    if side == "torch":
+        env["JAX_PLATFORMS"] = "cpu"  # the torch side builds its weights with jax's converters: keep jax off the GPU
+    cmd = [sys.executable, os.path.abspath(__file__), "--train-side", side, "--size", size, "--rank", str(rank),
+           "--batch", str(batch), "--steps", str(steps), "--repeat", str(repeat)] + ([] if base else ["--no-base"])
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # stderr (progress, errors) passes through
+    for line in proc.stdout.splitlines():
+        if line.startswith(_RESULT):
+            return json.loads(line[len(_RESULT):])
+    raise RuntimeError(f"--train {side} side failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+
+
+def bench_train(size: str, rank: int, batch: int, steps: int, repeat: int, base: bool = True) -> None:
+    """LoRA training step time and peak memory: jlora vs diffusers + PEFT, same UNet, LoRA, batch and objective."""
+    j = _run_train_side("jax", size, rank, batch, steps, repeat, base)
+    t = _run_train_side("torch", size, rank, batch, steps, repeat, base)
+    if (j["modules"], j["trainable"]) != (t["modules"], t["trainable"]):
+        raise RuntimeError(f"the two sides train different LoRAs: jlora {j['modules']} modules / {j['trainable']} "
+                           f"factor entries, PEFT {t['modules']} / {t['trainable']}")
+    plan = "" if j["plan_mb"] is None else f"; XLA temp buffers {j['plan_mb']:.0f} MB"
+    first_note = ", incl. compile + first step" if j["steps_mb"] is not None else ""
+    compile_note = f"jlora: XLA compile {j['compile_ms'] / 1e3:.1f} s + 1 step"
+    rows = [
+        ("train step jlora / diffusers+PEFT (ms)", j["step_ms"], t["step_ms"], f"median of {repeat} x {steps} steps"),
+        ("first step jlora / diffusers+PEFT (ms)", j["first_ms"], t["first_ms"], compile_note),
+        ("peak memory jlora / torch (MB)", j["peak_mb"], t["peak_mb"],
+         (j["memory"] if j["memory"] == t["memory"] else f"{j['memory']} / {t['memory']}") + first_note + plan),
+        ("peak memory, warm steps only: jlora / torch (MB)", j["steps_mb"], t["steps_mb"],
+         "growth over the level after the first step" if j["steps_mb"] is not None else "host RSS only"),
+        ("steps/s jlora / diffusers+PEFT", 1e3 / j["step_ms"], 1e3 / t["step_ms"], "higher is better"),
+    ]
+    if base:
+        rows.append(("LoRA step / base-weights forward+backward: jlora (ms)", j["step_ms"], j["base_ms"],
+                     "base: grads of every UNet weight, no update"))
+        rows.append(("LoRA step / base-weights forward+backward: torch (ms)", t["step_ms"], t["base_ms"], ""))
+    _print(
+        f"\nLoRA training, UNet {size}: {j['n_params'] / 1e6:.1f} M params, rank {rank} on {j['modules']} modules "
+        f"({j['trainable'] / 1e6:.2f} M trainable), batch {batch} x 4x{_config(size)['sample_size']}^2 latents, "
+        f"{TEXT_TOKENS}-token context, epsilon MSE, AdamW lr {ADAMW['lr']:g}; first loss {j['loss']:.4f} (jlora) / "
+        f"{t['loss']:.4f} (torch)\njax {j['version']} on {j['platform']} ({j['device']}), torch {t['version']} on "
+        f"{t['device']}",
+        rows,
+        head=("A", "B"),
+    )
 
 
 
