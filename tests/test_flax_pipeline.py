@@ -68,3 +68,38 @@ def test_text_encoder_scale_is_separate():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert any(not np.array_equal(np.asarray(x), np.asarray(y))
                for x, y in zip(jax.tree.leaves(out["unet"]), jax.tree.leaves(params["unet"])))
+
+
+def test_lora_into_a_flax_sdxl_pipeline_matches_diffusers_torch():
+    from diffusers import FlaxEulerDiscreteScheduler, FlaxStableDiffusionXLPipeline
+
+    directory, path = P.pipeline_dir("sdxl"), P.lora_file("sdxl")
+    models, params = {}, {}
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        models[name], params[name] = load_component(directory, name)
+    scheduler = FlaxEulerDiscreteScheduler.from_config(
+        read_json(os.path.join(directory, "scheduler", "scheduler_config.json")))
+    params["scheduler"] = scheduler.create_state()
+    pipe = FlaxStableDiffusionXLPipeline(
+        text_encoder=models["text_encoder"], text_encoder_2=models["text_encoder_2"], vae=models["vae"],
+        tokenizer=load_tokenizer(os.path.join(directory, "tokenizer")),
+        tokenizer_2=load_tokenizer(os.path.join(directory, "tokenizer_2")), unet=models["unet"], scheduler=scheduler,
+        dtype=jnp.float32)
+    adapters = jlora.load_lora_weights(path, params, family="sdxl")
+    lora_params = jlora.apply_pipeline(params, adapters, 0.7)
+
+    prompts = ["a photo of a cat", "a dog"]
+    latents = P.initial_latents("sdxl", 2, 32, 32, seed=7)
+    ids = pipe.prepare_inputs(prompts)
+    neg = pipe.prepare_inputs(["", ""])
+    got = np.asarray(pipe(ids, lora_params, jax.random.key(0), num_inference_steps=3, height=32, width=32,
+                          guidance_scale=jnp.float32(5.0), latents=jnp.asarray(latents), neg_prompt_ids=neg,
+                          jit=False).images)
+
+    torch_pipe = P.torch_pipeline("sdxl")
+    torch_pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path))
+    with torch.no_grad():
+        want = torch_pipe(prompts, negative_prompt=["", ""], height=32, width=32, num_inference_steps=3,
+                          guidance_scale=5.0, latents=torch.from_numpy(latents), output_type="np",
+                          cross_attention_kwargs={"scale": 0.7}).images
+    assert np.abs(got.reshape(want.shape) - want).max() <= 2 / 255
