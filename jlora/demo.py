@@ -30,6 +30,13 @@ UNET_CONFIG = dict(
 TARGETS = r"to_[qkv]|to_out_0|ff/net|proj_in|proj_out|resnets_\d+/conv[12]"
 
 
+def _progress(stage: str) -> None:
+    """The stage being run, on stderr (the figures come at the end, on stdout)."""
+    import sys
+
+    print(f"... {stage}", file=sys.stderr, flush=True)
+
+
 def _timeit(fn, *args, repeat=5):
     jax.block_until_ready(fn(*args))
     t = time.perf_counter()
@@ -190,6 +197,7 @@ def run(out: str | None = None) -> int:
     adapters, report = jlora.load_lora_weights(src, {"unet": params}, family="sd", return_report=True)
     rows.append(("load file -> adapter pytree", f"{(time.perf_counter() - t) * 1e3:.1f} ms"))
     print("2. loaded:\n" + report.summary())
+    _progress("apply inside jit, sharded apply, fuse / unfuse, save")
     adapter = adapters["unet"]
 
     rng = np.random.default_rng(0)
@@ -229,9 +237,13 @@ def run(out: str | None = None) -> int:
     same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(adapter)))
     rows.append(("saved file reloads to the same factors", str(same)))
 
+    _progress("hotswap and per-sample LoRAs")
     rows += _serving_rows(unet, params, adapter, ys[1.0], (x, t_, c))
+    _progress("fine-tune and orbax checkpoint")
     rows += _training_rows(unet, params, ys[1.0], out, (x, t_, c))
+    _progress("a Flux LoRA on jlora's Flax Flux")
     rows += _flux_rows(out)
+    _progress("images from a tiny SD pipeline, one per LoRA set")
     image_rows, sheet = _image_rows(out)
     rows += image_rows
 

@@ -10,7 +10,9 @@ from jlora.pipelines import images
 
 def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert captured.err.count("... ") >= 5  # the stages as they run
     assert re.search(r"compilations for scales 0.0, 0.5, 1.0\s+1\n", out)
     assert re.search(r"max \|y\(scale 0\) - y\(base\)\|\s+0.00e\+00", out)
     effect = float(re.search(r"\(LoRA effect\)\s+([0-9.]+)", out).group(1))
