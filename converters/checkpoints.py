@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from converters.errors import CorruptFileError, KeyMismatchError, ModelFileNotFoundError, ShapeMismatchError
+from converters.errors import CorruptFileError, KeyMismatchError, ModelFileNotFoundError, ShapeMismatchError, UnsupportedModelError
 from converters.layout import weight_to_flax
 from converters.naming import NamingScheme, get_scheme
 from converters.safetensors_io import SafetensorsFile, open_file
@@ -47,6 +47,21 @@ MODULE_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 _AXES = {2: (1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0)}  # Flax axis i holds torch axis perm[i]
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON object from a file (a config, a model index); typed errors for a missing or malformed file."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ModelFileNotFoundError(f"{path}: no such file.") from None
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"{path}: not a JSON file ({type(e).__name__}: {e}).") from None
+    if not isinstance(data, dict):
+        raise UnsupportedModelError(f"{path}: not a JSON object.")
+    return data
 
 
 @dataclasses.dataclass(frozen=True)

@@ -298,18 +298,17 @@ def convert_file(path: str, out_dir: str, *, family: str | None, to: str, strict
 
 
 def _read_config(path: str, option: str) -> dict:
+    """The config a CLI option names (a `config.json` or the folder holding one); errors name the option."""
+    from converters.checkpoints import read_json_object
+
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    try:
-        with open(file, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
+    if not os.path.exists(file):
         where = f"{path} has no config.json" if os.path.isdir(path) else f"{path}: no such file or folder"
-        raise ModelFileNotFoundError(f"{option} {where}.") from None
-    except (OSError, ValueError) as e:
-        raise UnsupportedModelError(f"{option} {file}: not a JSON config ({type(e).__name__}: {e}).") from None
-    if not isinstance(cfg, dict):
-        raise UnsupportedModelError(f"{option} {file}: not a JSON object.")
-    return cfg
+        raise ModelFileNotFoundError(f"{option} {where}.")
+    try:
+        return read_json_object(file)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{option} {e}") from None
 
 
 def clip_config_index(cfg: Mapping, projection: bool = False, dtype=np.float32) -> architectures.Index:

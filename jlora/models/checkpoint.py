@@ -25,7 +25,6 @@ Flax models come with the `jlora[pipelines]` extra; torch is never needed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Mapping
 
@@ -165,17 +164,8 @@ def component_dir(path: str | os.PathLike, component: str | None = None) -> str:
 
 
 def read_config(directory: str) -> dict:
-    path = os.path.join(directory, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise ModelFileNotFoundError(f"{path}: no such file.") from None
-    except (OSError, ValueError) as e:
-        raise UnsupportedModelError(f"{path}: not a JSON config ({type(e).__name__}: {e}).") from None
-    if not isinstance(config, dict):
-        raise UnsupportedModelError(f"{path}: the config is not a JSON object.")
-    return config
+    """The `config.json` of a component folder."""
+    return ckpts.read_json_object(os.path.join(directory, "config.json"))
 
 
 def _class_name(config: Mapping[str, Any], directory: str) -> str:

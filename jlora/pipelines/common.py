@@ -10,7 +10,6 @@ sample runs with its own through `jlora.per_sample`, at its own `lora_scale`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -119,17 +118,10 @@ def _lora_of(x) -> Lora:
 
 
 def read_json(path: str) -> dict:
-    """A JSON object from `path`; typed errors for a missing or malformed file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ModelFileNotFoundError(f"{path}: no such file.") from None
-    except (OSError, ValueError) as e:
-        raise UnsupportedModelError(f"{path}: not a JSON file ({type(e).__name__}: {e}).") from None
-    if not isinstance(data, dict):
-        raise UnsupportedModelError(f"{path}: not a JSON object.")
-    return data
+    """A JSON object from `path` (`model_index.json`, a scheduler or tokenizer config); typed errors."""
+    from converters.checkpoints import read_json_object
+
+    return read_json_object(path)
 
 
 def load_weights(path: str, name: str, single_file: str | None, *, dtype=None, shardings=None):
