@@ -121,10 +121,7 @@ def _groups(argv: list[str]) -> list[list[str]]:
 
 
 if __name__ == "__main__":
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={LOCAL_DEVICES}")
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error")):
-        os.environ.setdefault(key, value)
+    from multiprocess import cpu_worker_environment
+
+    cpu_worker_environment(LOCAL_DEVICES)
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3], _groups(sys.argv[4:]))

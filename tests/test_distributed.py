@@ -13,7 +13,6 @@ collectives over gloo) and gathers the output. The test checks, against a single
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,29 +26,16 @@ from jax.sharding import Mesh
 import distributed_worker as W
 import reference as R
 from jlora import models
+from multiprocess import free_port, tail
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path, n=6000) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()[-n:]
-    except OSError:
-        return "<none>"
-
-
 def _run_workers(workdir) -> list[dict]:
     """Start both workers, wait for them (TIMEOUT_S in all), kill both if either fails or hangs."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
@@ -81,7 +67,7 @@ def _run_workers(workdir) -> list[dict]:
                 p.wait(timeout=30)
     if codes != [0] * W.NUM_PROCESSES:
         why = "timed out" if None in codes else f"exit codes {codes}"
-        detail = "\n".join(f"--- worker {i} stderr ---\n{_tail(err)}\n--- worker {i} stdout ---\n{_tail(out)}"
+        detail = "\n".join(f"--- worker {i} stderr ---\n{tail(err)}\n--- worker {i} stdout ---\n{tail(out)}"
                            for i, (out, err) in enumerate(logs))
         pytest.fail(f"distributed workers {why} (limit {TIMEOUT_S} s):\n{detail}")
     return [dict(np.load(workdir / f"result_{i}.npz")) for i in range(W.NUM_PROCESSES)]

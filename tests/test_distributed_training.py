@@ -17,7 +17,6 @@ LoRA file gathered from both) the test checks:
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import finetune_worker as W
 import jlora
 from converters import safetensors_io
 from jlora import training
+from multiprocess import free_port, tail
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -43,20 +43,6 @@ LORA = "pytorch_lora_weights.safetensors"
 RTOL, ATOL = 1e-5, 2e-6
 ARGS = ["--channels", "32", "--sample-size", "8", "--batch", "8", "--targets", "attn1/to_[qv]|resnets_0/conv1",
         "--rank", "4", "--steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--log-every", "1", "--seed", "3"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path, n=6000) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()[-n:]
-    except OSError:
-        return "<none>"
 
 
 MODEL_PARALLEL = (1, 8)
@@ -88,7 +74,7 @@ def runs(tmp_path_factory) -> dict:
     `MODEL_PARALLEL` in turn (TIMEOUT_S in all); all are killed if one fails or hangs.
     Returns the work folder, each process's script output per run, the worker records and the time."""
     workdir = tmp_path_factory.mktemp("distributed_training")
-    port = _free_port()
+    port = free_port()
     procs, logs = {}, {}
     t0 = time.perf_counter()
     try:
@@ -120,10 +106,10 @@ def runs(tmp_path_factory) -> dict:
     elapsed = time.perf_counter() - t0
     if any(c != 0 for c in codes.values()):
         why = "timed out" if None in codes.values() else f"exit codes {codes}"
-        detail = "\n".join(f"--- {name} stderr ---\n{_tail(err)}\n--- {name} stdout ---\n{_tail(out)}"
+        detail = "\n".join(f"--- {name} stderr ---\n{tail(err)}\n--- {name} stdout ---\n{tail(out)}"
                            for name, (out, err) in logs.items())
         pytest.fail(f"finetune runs {why} (limit {TIMEOUT_S} s):\n{detail}")
-    stdout = {name: _split_runs(_script_lines(_tail(out, 10**7))) for name, (out, _) in logs.items()}
+    stdout = {name: _split_runs(_script_lines(tail(out, 10**7))) for name, (out, _) in logs.items()}
     records = {name: json.loads((workdir / f"record_{name}.json").read_text()) for name in NAMES}
     return dict(workdir=workdir, stdout=stdout, records=records, elapsed=elapsed)
 
