@@ -99,7 +99,7 @@ def encoders(pipe):
 
 def step_batch(cache, order, step: int, args, scaling: float, family: str, shift: float = 0.0, flow=None):
     """The batch of `step`: its examples' cached embeddings, a latent sample, noise and timesteps
-    (Flux: and sigmas), all drawn from `(seed, step)`."""
+    (Flux: and sigmas, from the scheduler config `flow`), all drawn from `(seed, step)`."""
     import numpy as np
 
     from jlora import data
@@ -114,15 +114,13 @@ def step_batch(cache, order, step: int, args, scaling: float, family: str, shift
     batch = {"latents": latents.astype(np.float32), "noise": rng.standard_normal(mean.shape).astype(np.float32),
              "timesteps": rng.integers(0, 1000, len(idx)).astype(np.int32), "context": cache["captions/context"][idx]}
     if family == "flux":
-        tables_t, tables_s = flow
-        if args.weighting_scheme == "logit_normal":
-            u = 1 / (1 + np.exp(-rng.standard_normal(len(idx))))
-        else:
-            u = rng.random(len(idx))
-            if args.weighting_scheme == "mode":
-                u = 1 - u - 1.29 * (np.cos(np.pi * u / 2) ** 2 - 1 + u)
-        indices = (u * len(tables_t)).astype(np.int64)
-        batch["timesteps"], batch["sigmas"] = tables_t[indices], tables_s[indices]
+        import jax
+
+        from jlora import objectives
+
+        key = jax.random.fold_in(jax.random.key(args.seed), step)
+        t, sigmas = objectives.sample_flow_timesteps(key, len(idx), flow, weighting_scheme=args.weighting_scheme)
+        batch["timesteps"], batch["sigmas"] = np.asarray(t), np.asarray(sigmas)
         batch["pooled"] = cache["captions/pooled"][idx]
     if family == "sdxl":
         batch["pooled"] = cache["captions/pooled"][idx]
@@ -254,7 +252,7 @@ def main(argv=None) -> int:
     if pipe.family == "flux":
         scaling = float(pipe.vae_config.get("scaling_factor", 1.0))
         shift = float(pipe.vae_config.get("shift_factor") or 0.0)
-        flow, alphas = objectives.flow_training_tables(pipe.scheduler_config), None
+        flow, alphas = pipe.scheduler_config, None
     else:
         scaling, shift, flow = pipe.vae_scaling_factor, 0.0, None
         alphas = objectives.alphas_cumprod(pipe.scheduler_config)
