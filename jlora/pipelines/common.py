@@ -129,23 +129,13 @@ def load_weights(path: str, name: str, single_file: str | None, *, dtype=None, s
     (configs from the folder `path`), else from the folder's own weights."""
     from jlora.models import load_component, load_single_file
 
-    sharding = shardings(name) if callable(shardings) and not _is_leaf_fn(shardings) else shardings
+    sharding = shardings(name) if callable(shardings) else shardings  # f(component), or one Sharding / None
     if single_file is not None:
         try:
             return load_single_file(single_file, name, config=path, dtype=dtype, shardings=sharding)
         except ComponentNotInFileError:
             logger.info("%s: %s comes from %s", single_file, name, path)
     return load_component(path, name, dtype=dtype, shardings=sharding)
-
-
-def _is_leaf_fn(fn) -> bool:
-    """Whether `fn` is already a per-leaf `f(path, shape) -> Sharding` rather than `f(component)`."""
-    import inspect
-
-    try:
-        return len(inspect.signature(fn).parameters) == 2
-    except (TypeError, ValueError):
-        return False
 
 
 def load_tokenizer(directory: str):
