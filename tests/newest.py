@@ -82,3 +82,16 @@ def state_dict(model: str, config: dict, *, seed: int = 0) -> dict[str, np.ndarr
     """The seeded initial state dict of diffusers' `model` built from `config`."""
     arrays, _ = call("state_dict", model=model, config=config, seed=seed)
     return arrays
+
+
+def fused_many(cases: list[dict]) -> list[tuple[dict, dict, dict]]:
+    """:func:`fused` for several cases in one subprocess; each case holds `fused`'s keyword arguments."""
+    specs = [{"op": "fused", "seed": 0, "scale": 1.0, "component": "transformer", "dtype": "float32",
+              **{k: (str(v) if k == "lora" else v) for k, v in c.items()}} for c in cases]
+    arrays, info = call("batch", cases=specs)
+    out = []
+    for i, case_info in enumerate(info["cases"]):
+        base = {k[len(f"{i}/base/"):]: v for k, v in arrays.items() if k.startswith(f"{i}/base/")}
+        fused_sd = {k[len(f"{i}/fused/"):]: v for k, v in arrays.items() if k.startswith(f"{i}/fused/")}
+        out.append((base, fused_sd, case_info))
+    return out

@@ -2,6 +2,7 @@
 
 Usage: `python newest_ref.py spec.json`. Writes `out` (npz) and `out.json` beside it. Ops:
 * `state_dict`: the seeded model's weights.
+* `batch`: several of these in one process (`cases`); outputs are prefixed `<i>/`.
 * `fused`: the seeded model's weights (`base/...`), then the LoRA loaded by `<mixin>.lora_state_dict` +
   `load_lora_into_<component>` and fused at `scale` (`fused/...`); `info.loaded` lists PEFT-wrapped modules.
 """
@@ -60,6 +61,16 @@ def op_fused(spec):
     model.unload_lora()
     out.update(_arrays(model, "fused/"))
     return out, {"loaded": loaded, "warnings": capture.messages}
+
+
+def op_batch(spec):
+    """Several ops in one process (one interpreter start): `cases` is a list of specs; outputs `<i>/...`."""
+    arrays, infos = {}, []
+    for i, case in enumerate(spec["cases"]):
+        got, info = globals()[f"op_{case['op']}"](case)
+        arrays.update({f"{i}/{k}": v for k, v in got.items()})
+        infos.append(info)
+    return arrays, {"cases": infos}
 
 
 def main():
