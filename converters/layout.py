@@ -166,18 +166,38 @@ def lokr_leaf(rec: Record, kernel_shape, path: str, alpha: float | None) -> tupl
     if len(s1) != 2 or min(s1) < 1:
         raise InvalidAdapterError(f"{rec.sources.get('lokr_w1', rec.keys[0])}: LoKr w1 must be 2-D, got {s1}.")
     (o1, i1), n_out, n_in = s1, kernel_shape[-1], kernel_shape[-2]
-    if n_out % o1 or n_in % i1:
-        raise _fail(rec, path, kernel_shape, (o1, i1), "lokr_w1")
-    o2, i2 = n_out // o1, n_in // i1
     k = tuple(kernel_shape[:2]) if len(kernel_shape) == 4 else ()
-    if int(np.prod(s2, dtype=np.int64)) != o2 * i2 * int(np.prod(k, dtype=np.int64)) or s2[0] != o2:
-        raise _fail(rec, path, kernel_shape, (o1 * s2[0], i1 * int(np.prod(s2[1:], dtype=np.int64))),
-                    "lokr_w2" if "lokr_w2" in rec.sources else "lokr_w2a")
-    w1, w2 = _lokr_factor(t, "1"), _lokr_factor(t, "2")
-    w2 = w2.reshape((o2, i2) + k)
     decomposed = any(r in t for r in ("lokr_w1a", "lokr_w2a"))
     factor = (alpha / rec.rank) if (decomposed and alpha is not None) else 1.0
-    return "lokr", {"w1": w1.T, "w2": weight_to_flax(w2, tuple(kernel_shape)), "factor": factor}
+    o2, i2 = n_out // o1, n_in // i1
+    if not (n_out % o1 or n_in % i1) and s2[0] == o2 and _size(s2) == o2 * i2 * _size(k):
+        w1, w2 = _lokr_factor(t, "1"), _lokr_factor(t, "2")
+        w2 = w2.reshape((o2, i2) + k)
+        return "lokr", {"w1": w1.T, "w2": weight_to_flax(w2, tuple(kernel_shape)), "factor": factor}
+    if _size(s1) * _size(s2) == _size(kernel_shape):
+        return "diff", {"diff": _lokr_dense(t, kernel_shape), "factor": factor}
+    if n_out % o1 or n_in % i1:
+        raise _fail(rec, path, kernel_shape, (o1, i1), "lokr_w1")
+    raise _fail(rec, path, kernel_shape, (o1 * s2[0], i1 * int(np.prod(s2[1:], dtype=np.int64))),
+                "lokr_w2" if "lokr_w2" in rec.sources else "lokr_w2a")
+
+
+def _size(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _lokr_dense(t: Mapping[str, np.ndarray], kernel_shape) -> np.ndarray:
+    """kron(w1, w2) reshaped row-major to the torch weight `(out, in[, kh, kw])`, in Flax layout.
+
+    For factors whose Kronecker axes do not follow the weight's (w1 `(20, 60)`, w2 `(16, 48)` on a
+    `320x320x3x3` conv: the product's columns run over the flattened `in*kh*kw` axis and 60 does not
+    divide 320); the delta is then held whole, like a full diff.
+    """
+    w1, w2 = _lokr_factor(t, "1"), _lokr_factor(t, "2")
+    if w2.ndim == 4:
+        w1 = w1[:, :, None, None]
+    torch_shape = (kernel_shape[-1], kernel_shape[-2]) + tuple(kernel_shape[:-2])
+    return weight_to_flax(np.kron(w1, w2).reshape(torch_shape), tuple(kernel_shape))
 
 
 def diff_leaf(rec: Record, kernel_shape, path: str) -> tuple[str, dict]:

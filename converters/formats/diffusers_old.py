@@ -4,14 +4,18 @@
 `unet.<module>.lora.down.weight` (proj_in, ff), and for text encoders
 `text_encoder.<layer>.self_attn.to_q_lora.down.weight` and
 `text_encoder.<layer>.mlp.fc1.lora_linear_layer.down.weight`.
+
+The first `save_attn_procs` files have no `unet.` prefix (`down_blocks.0...attn1.processor.to_q_lora.down.weight`);
+keys that start with a UNet block name (`down_blocks`, `mid_block`, `up_blocks`) are the UNet's, and
+unprefixed `text_model.` keys belong to the one text encoder being loaded (`component=`).
 """
 
 from __future__ import annotations
 
 from converters.engine import Format, Rule, register_format
 
-_UNET = r"(?P<component>unet)\."
-_TE = r"(?P<component>text_encoder|text_encoder_2)\."
+_UNET = r"(?P<component>unet(?=\.)|(?=(?:down_blocks|mid_block|up_blocks)\.))\.?"
+_TE = r"(?:(?P<component>text_encoder|text_encoder_2)\.|(?=text_model\.))"
 _ROLE = r"(?P<role>down|up)\.weight"
 
 RULES = (
@@ -30,5 +34,6 @@ def _detect(keys: frozenset[str]) -> bool:
 
 
 FORMAT = register_format(
-    Format(name="diffusers_old", rules=RULES, detect=_detect, description="old diffusers attention processors (to_q_lora)")
+    Format(name="diffusers_old", rules=RULES, detect=_detect, components={"": "unet"},
+           description="old diffusers attention processors (to_q_lora)")
 )
