@@ -28,6 +28,8 @@ FAMILIES: dict[str, Family] = {
         Family("qwen_image", ("transformer", "text_encoder")),
         Family("cogvideox", ("transformer", "text_encoder")),
         Family("mochi", ("transformer", "text_encoder")),
+        Family("z_image", ("transformer", "text_encoder")),
+        Family("ltx2", ("transformer", "connectors", "text_encoder")),
     )
 }
 

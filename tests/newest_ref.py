@@ -7,6 +7,7 @@ Usage: `python newest_ref.py spec.json`. Writes `out` (npz) and `out.json` besid
   `load_lora_into_<component>` and fused at `scale` (`fused/...`); `info.loaded` lists PEFT-wrapped modules.
 """
 
+import importlib
 import json
 import logging
 import pathlib
@@ -29,7 +30,8 @@ def _model(spec):
     import diffusers
 
     torch.manual_seed(spec.get("seed", 0))
-    model = getattr(diffusers, spec["model"])(**spec["config"])
+    where = importlib.import_module(spec["module"]) if spec.get("module") else diffusers  # e.g. diffusers.pipelines.ltx2
+    model = getattr(where, spec["model"])(**spec["config"])
     return model.to(getattr(torch, spec.get("dtype", "float32"))).eval()
 
 
@@ -61,6 +63,30 @@ def op_fused(spec):
     model.unload_lora()
     out.update(_arrays(model, "fused/"))
     return out, {"loaded": loaded, "warnings": capture.messages}
+
+
+def op_peft_components(spec):
+    """One PEFT LoRA over several components (`parts`: model spec + `r`, `alpha`, `targets`, `lora_seed` each),
+    saved by the pipeline saver `<mixin>._save_lora_weights` to `path` with each component's config as metadata."""
+    from diffusers.loaders import lora_pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    layers, metadata = {}, {}
+    for part in spec["parts"]:
+        model = _model(part)
+        torch.manual_seed(part.get("lora_seed", 1))
+        config = LoraConfig(r=part["r"], lora_alpha=part["alpha"], target_modules=part["targets"], init_lora_weights=False)
+        model.add_adapter(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(3.0)
+        layers[part["component"]] = get_peft_model_state_dict(model)
+        metadata[part["component"]] = config.to_dict()
+    path = pathlib.Path(spec["path"])
+    getattr(lora_pipeline, spec["mixin"])._save_lora_weights(str(path.parent), layers, metadata, weight_name=path.name)
+    return {}, {"file": str(path)}
 
 
 def op_batch(spec):

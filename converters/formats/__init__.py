@@ -6,3 +6,5 @@ from converters.formats import flux_extra  # noqa: F401
 from converters.formats import kohya  # noqa: F401
 from converters.formats import kohya_flux  # noqa: F401
 from converters.formats import peft  # noqa: F401
+from converters.formats import z_image  # noqa: F401
+from converters.formats import ltx2  # noqa: F401

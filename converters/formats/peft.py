@@ -16,7 +16,8 @@ from converters.records import Record
 from converters.errors import CorruptFileError, InvalidAdapterError
 from converters.patterns import first_match
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "transformer_2", "prior")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "transformer_2", "prior",
+              "connectors")
 METADATA_KEY = "lora_adapter_metadata"
 
 _PREFIX = r"(?:(?P<component>" + "|".join(COMPONENTS) + r")\.)?(?:base_model\.model\.)?"

@@ -1,0 +1,357 @@
+"""Z-Image and LTX-2 LoRA files (and Wan 2.2's `transformer_2`) against diffusers, at the level of fused weights.
+
+Reference: diffusers 0.42.1 (the second reference environment, through `tests/newest.py`): the tiny seeded
+`ZImageTransformer2DModel`, `LTX2VideoTransformer3DModel` and `LTX2TextConnectors` are built there, each file is
+read by `ZImageLoraLoaderMixin` / `LTX2LoraLoaderMixin.lora_state_dict`, loaded into the component through PEFT
+and fused with `fuse_lora(lora_scale=0.7)`. PEFT files are written there too, by PEFT (`add_adapter`,
+random factors) and diffusers' LoRA saver; the other layouts are written here with the key names diffusers'
+converters expect. jlora loads the same file onto a torch-mirror Flax tree of the same base weights
+(`layers/0/attention/to_q/kernel`, (in, out) kernels) and fuses at the same scale: every weight must agree
+within 1e-5 relative, the LoRA must change exactly the weights of the modules the file names, and every
+key must be loaded (none unmatched, unplaced or skipped).
+
+Wan 2.2's second expert: diffusers 0.35.2's `WanLoraLoaderMixin.load_lora_weights(..., load_into_transformer_2=True)`
+on two tiny Wan transformers, against `jlora.load_lora_weights(..., load_into_transformer_2=True)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import jlora
+from converters import engine
+from tests import newest
+
+SCALE = 0.7
+RANK = 4
+
+Z_IMAGE = dict(model="ZImageTransformer2DModel", config=dict(
+    all_patch_size=[2], all_f_patch_size=[1], in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
+    n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 32, 32]))
+LTX2 = dict(model="LTX2VideoTransformer3DModel", config=dict(
+    in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+    audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+    audio_cross_attention_dim=8, num_layers=1, caption_channels=16))
+CONNECTORS = dict(model="LTX2TextConnectors", module="diffusers.pipelines.ltx2.connectors", config=dict(
+    caption_channels=16, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+    video_connector_attention_head_dim=8, video_connector_num_layers=1, video_connector_num_learnable_registers=4,
+    audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+    audio_connector_num_learnable_registers=4))
+
+# Z-Image modules (diffusers names) the files adapt.
+Z_MODULES = (
+    "layers.0.attention.to_q", "layers.0.attention.to_k", "layers.0.attention.to_v", "layers.0.attention.to_out.0",
+    "layers.0.feed_forward.w1", "layers.0.feed_forward.w2", "layers.0.feed_forward.w3", "layers.0.adaLN_modulation.0",
+    "noise_refiner.0.attention.to_q", "noise_refiner.0.adaLN_modulation.0", "context_refiner.0.attention.to_out.0",
+    "context_refiner.0.feed_forward.w2", "all_x_embedder.2-1", "all_final_layer.2-1.linear",
+    "all_final_layer.2-1.adaLN_modulation.1", "t_embedder.mlp.2", "cap_embedder.1",
+)
+# A PEFT regex (full match): the final layer's `adaLN_modulation.0` is a SiLU.
+Z_PEFT_TARGETS = r".*\.(?:to_q|to_k|to_v|to_out\.0|w1|w2|w3)|(?:layers|noise_refiner)\.\d+\.adaLN_modulation\.0|cap_embedder\.1"
+
+# LTX-2 original name -> diffusers name (transformer), and the connectors'.
+LTX2_RENAMES = {
+    "patchify_proj": "proj_in",
+    "audio_patchify_proj": "audio_proj_in",
+    "adaln_single.linear": "time_embed.linear",
+    "adaln_single.emb.timestep_embedder.linear_1": "time_embed.emb.timestep_embedder.linear_1",
+    "audio_adaln_single.linear": "audio_time_embed.linear",
+    "av_ca_video_scale_shift_adaln_single.linear": "av_cross_attn_video_scale_shift.linear",
+    "av_ca_a2v_gate_adaln_single.linear": "av_cross_attn_video_a2v_gate.linear",
+    "av_ca_audio_scale_shift_adaln_single.linear": "av_cross_attn_audio_scale_shift.linear",
+    "av_ca_v2a_gate_adaln_single.emb.timestep_embedder.linear_2": "av_cross_attn_audio_v2a_gate.emb.timestep_embedder.linear_2",
+    "transformer_blocks.0.attn1.to_q": "transformer_blocks.0.attn1.to_q",
+    "transformer_blocks.0.audio_attn2.to_v": "transformer_blocks.0.audio_attn2.to_v",
+    "transformer_blocks.0.audio_to_video_attn.to_k": "transformer_blocks.0.audio_to_video_attn.to_k",
+    "transformer_blocks.0.video_to_audio_attn.to_out.0": "transformer_blocks.0.video_to_audio_attn.to_out.0",
+    "transformer_blocks.0.audio_ff.net.0.proj": "transformer_blocks.0.audio_ff.net.0.proj",
+    "caption_projection.linear_1": "caption_projection.linear_1",
+    "proj_out": "proj_out",
+    "audio_proj_out": "audio_proj_out",
+}
+CONNECTOR_RENAMES = {
+    "aggregate_embed": "text_proj_in",
+    "video_connector.transformer_blocks.0.attn1.to_q": "video_connector.transformer_blocks.0.attn1.to_q",
+    "audio_connector.transformer_blocks.0.ff.net.2": "audio_connector.transformer_blocks.0.ff.net.2",
+}
+LTX2_PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "audio_proj_in", "time_embed.linear", "proj_out"]
+CONNECTOR_PEFT_TARGETS = ["text_proj_in", "to_q", "to_out.0"]
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _factors(rng, weight, rank=RANK):
+    out, n_in = weight.shape
+    down = rng.standard_normal((rank, n_in)).astype(np.float32) * 0.3
+    up = rng.standard_normal((out, rank)).astype(np.float32) * 0.3
+    return down, up
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+def _lora_file(path, base, sources: dict, *, down, up, alpha=None, seed=0):
+    """`{source name: diffusers module}` -> a file with `<source>.<down>` / `<source>.<up>` (+ `.alpha`)."""
+    rng, tensors = _rng(seed), {}
+    for i, (src, module) in enumerate(sources.items()):
+        d, u = _factors(rng, base[f"{module}.weight"])
+        tensors[f"{src}.{down}"], tensors[f"{src}.{up}"] = d, u
+        if alpha is not None:
+            tensors[f"{src}.alpha"] = np.asarray(alpha + i % 3, np.float32)
+    save_file(tensors, str(path))
+    return sorted(tensors)
+
+
+def _z_kohya_name(module: str) -> str:
+    return "lora_unet_" + module.replace(".", "_")
+
+
+def z_dm_kohya(path, base):
+    """`diffusion_model.<diffusers name>.lora_down.weight` + `.alpha` (alpha baked into the factors by diffusers)."""
+    return _lora_file(path, base, {f"diffusion_model.{m}": m for m in Z_MODULES}, down="lora_down.weight",
+                      up="lora_up.weight", alpha=6.0, seed=1)
+
+
+def z_kohya(path, base):
+    """`lora_unet_layers_0_attention_to_q.lora_down.weight` + `.alpha`; the bare `attention_out` is `to_out.0`."""
+    names = {_z_kohya_name(m): m for m in Z_MODULES if m != "layers.0.attention.to_out.0"}
+    names["lora_unet_layers_0_attention_out"] = "layers.0.attention.to_out.0"
+    return _lora_file(path, base, names, down="lora_down.weight", up="lora_up.weight", alpha=2.0, seed=2)
+
+
+def z_dotted(path, base):
+    """`.lora.down.weight` names: the fused `attention.qkv` (equal thirds), the bare `attention.out`, `to.k`."""
+    rng, tensors = _rng(3), {}
+    q = base["layers.0.attention.to_q.weight"]
+    down = rng.standard_normal((RANK, q.shape[1])).astype(np.float32) * 0.3
+    up = rng.standard_normal((3 * q.shape[0], RANK)).astype(np.float32) * 0.3
+    tensors.update({"lora_unet_layers_0_attention_qkv.lora.down.weight": down,
+                    "lora_unet_layers_0_attention_qkv.lora.up.weight": up,
+                    "lora_unet_layers_0_attention_qkv.alpha": np.asarray(8.0, np.float32)})
+    for src, module, alpha in (("lora_unet_layers_0_attention_out", "layers.0.attention.to_out.0", 2.0),
+                               ("lora_unet_layers_0_feed_forward_w1", "layers.0.feed_forward.w1", 3.0),
+                               ("lora_unet_noise_refiner_0_attention_to_q", "noise_refiner.0.attention.to_q", 5.0),
+                               ("noise_refiner.0.attention.to.k", "noise_refiner.0.attention.to_k", None)):
+        d, u = _factors(rng, base[f"{module}.weight"])
+        tensors[f"{src}.lora.down.weight"], tensors[f"{src}.lora.up.weight"] = d, u
+        if alpha is not None:
+            tensors[f"{src}.alpha"] = np.asarray(alpha, np.float32)
+    save_file(tensors, str(path))
+    return sorted(tensors)
+
+
+def z_lokr(path, base):
+    """LyCORIS LoKr under `diffusion_model.` with `.alpha`: decomposed w2 (scale alpha/dim) and full factors (no scale)."""
+    rng, tensors = _rng(4), {}
+    specs = (("layers.0.attention.to_q", (4, 4), (8, 8), 2, 3.0), ("layers.0.attention.to_v", (4, 4), (8, 8), 3, 5.0),
+             ("layers.0.feed_forward.w1", (5, 4), (17, 8), None, 7.0))
+    for module, w1, w2, rank, alpha in specs:
+        key = f"diffusion_model.{module}"
+        tensors[f"{key}.lokr_w1"] = rng.standard_normal(w1).astype(np.float32) * 0.3
+        if rank is None:
+            tensors[f"{key}.lokr_w2"] = rng.standard_normal(w2).astype(np.float32) * 0.3
+        else:
+            tensors[f"{key}.lokr_w2_a"] = rng.standard_normal((w2[0], rank)).astype(np.float32) * 0.3
+            tensors[f"{key}.lokr_w2_b"] = rng.standard_normal((rank, w2[1])).astype(np.float32) * 0.3
+        tensors[f"{key}.alpha"] = np.asarray(alpha, np.float32)
+    save_file(tensors, str(path))
+    return sorted(tensors)
+
+
+def ltx2_original(path, base, connectors_base):
+    """LTX-2 original names: `diffusion_model.patchify_proj`, `adaln_single`, `av_ca_*`, `text_embedding_projection.`."""
+    rng, tensors = _rng(5), {}
+    for prefix, renames, weights in (("diffusion_model", LTX2_RENAMES, base),
+                                     ("text_embedding_projection", CONNECTOR_RENAMES, connectors_base)):
+        for src, module in renames.items():
+            d, u = _factors(rng, weights[f"{module}.weight"])
+            tensors[f"{prefix}.{src}.lora_A.weight"], tensors[f"{prefix}.{src}.lora_B.weight"] = d, u
+    save_file(tensors, str(path))
+    return sorted(tensors)
+
+
+# ---- reference, once for the module --------------------------------------------------------------
+
+
+def _peft_part(component, model_spec, targets, r, alpha, lora_seed):
+    return dict(component=component, **model_spec, r=r, alpha=alpha, targets=targets, lora_seed=lora_seed)
+
+
+Z_LAYOUTS = {"dm_kohya": z_dm_kohya, "kohya": z_kohya, "dotted_qkv": z_dotted, "lokr": z_lokr}
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """Base weights, the written files and diffusers 0.42.1's fused weights of every case (two subprocesses)."""
+    newest.require()
+    tmp = tmp_path_factory.mktemp("zimage_ltx2")
+    files = {"z_peft": tmp / "z_peft.safetensors", "ltx2_peft": tmp / "ltx2_peft.safetensors"}
+    prep = [
+        dict(op="state_dict", **Z_IMAGE), dict(op="state_dict", **LTX2), dict(op="state_dict", **CONNECTORS),
+        dict(op="peft_components", mixin="ZImageLoraLoaderMixin", path=str(files["z_peft"]),
+             parts=[_peft_part("transformer", Z_IMAGE, Z_PEFT_TARGETS, RANK, 8, 11)]),
+        dict(op="peft_components", mixin="LTX2LoraLoaderMixin", path=str(files["ltx2_peft"]),
+             parts=[_peft_part("transformer", LTX2, LTX2_PEFT_TARGETS, RANK, 2, 12),
+                    _peft_part("connectors", CONNECTORS, CONNECTOR_PEFT_TARGETS, 2, 3, 13)]),
+    ]
+    arrays, info = newest.call("batch", cases=prep)
+    bases = [{k[len(f"{i}/"):]: v for k, v in arrays.items() if k.startswith(f"{i}/")} for i in range(3)]
+    z_base, ltx2_base, conn_base = bases
+    keys = {}
+    for name, write in Z_LAYOUTS.items():
+        files[f"z_{name}"] = tmp / f"z_{name}.safetensors"
+        keys[f"z_{name}"] = write(files[f"z_{name}"], z_base)
+    files["ltx2_original"] = tmp / "ltx2_original.safetensors"
+    keys["ltx2_original"] = ltx2_original(files["ltx2_original"], ltx2_base, conn_base)
+
+    cases = {}
+    for name in ("z_peft", *(f"z_{n}" for n in Z_LAYOUTS)):
+        cases[(name, "transformer")] = dict(**Z_IMAGE, lora=files[name], mixin="ZImageLoraLoaderMixin", scale=SCALE)
+    for name in ("ltx2_peft", "ltx2_original"):
+        cases[(name, "transformer")] = dict(**LTX2, lora=files[name], mixin="LTX2LoraLoaderMixin", scale=SCALE)
+        cases[(name, "connectors")] = dict(**CONNECTORS, lora=files[name], mixin="LTX2LoraLoaderMixin", scale=SCALE,
+                                           component="connectors")
+    results = dict(zip(cases, newest.fused_many(list(cases.values()))))
+    return dict(files=files, keys=keys, results=results)
+
+
+# ---- torch-mirror trees and comparisons ------------------------------------------------------------
+
+
+def flat_tree(state_dict) -> dict[tuple[str, ...], np.ndarray]:
+    """`{path: array}` of the torch-mirror Flax tree of a torch state dict (as numpy arrays)."""
+    out = {}
+    for name, a in state_dict.items():
+        *module, leaf = name.split(".")
+        a = np.array(a, np.float32)
+        if leaf == "weight":
+            leaf = "scale" if a.ndim == 1 else "kernel"
+            if a.ndim >= 2:
+                a = a.transpose(*range(2, a.ndim), 1, 0)
+        out[tuple(module) + (leaf,)] = a
+    return out
+
+
+def nested(flat: dict) -> dict:
+    tree: dict = {}
+    for path, a in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = a
+    return tree
+
+
+def flatten(tree, prefix=()) -> dict:
+    if isinstance(tree, dict):
+        return {p: v for k, sub in tree.items() for p, v in flatten(sub, prefix + (k,)).items()}
+    return {prefix: np.asarray(tree)}
+
+
+def kernel(module: str) -> tuple[str, ...]:
+    return tuple(module.split(".")) + ("kernel",)
+
+
+def assert_fused_equal(got: dict, want: dict, base: dict) -> set:
+    """Leaf-by-leaf agreement within 1e-5 relative; returns the paths the LoRA changed."""
+    assert got.keys() == want.keys()
+    changed = set()
+    for path, w in want.items():
+        g = got[path]
+        assert g.shape == w.shape, path
+        err = float(np.max(np.abs(g - w))) if w.size else 0.0
+        assert err <= 1e-5 * max(float(np.max(np.abs(w))), 1e-12), f"{'/'.join(path)}: max|diff| {err}"
+        if not np.array_equal(w, base[path]):
+            assert not np.allclose(w, base[path], rtol=1e-3, atol=1e-3), f"{'/'.join(path)}: change too small to test"
+            changed.add(path)
+    return changed
+
+
+def _fused_pair(ref, name, component):
+    base, fused, info = ref["results"][(name, component)]
+    return flat_tree(base), flat_tree(fused), info
+
+
+def _jlora(path, bases: dict, family: str, **kwargs):
+    trees = {c: nested(b) for c, b in bases.items()}
+    adapters, report = jlora.load_lora_weights(str(path), trees, family=family, return_report=True, **kwargs)
+    fused = {c: flatten(jlora.fuse(trees[c], adapters[c], SCALE)) if adapters[c] is not None else flatten(trees[c])
+             for c in trees}
+    return fused, report
+
+
+def _assert_complete(report, path, fmt):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        keys = set(f.keys())
+    assert report.format == fmt
+    assert not report.unmatched and not report.unplaced and not report.skipped, report.summary()
+    assert set(report.loaded_keys) == keys
+
+
+# ---- Z-Image ---------------------------------------------------------------------------------------
+
+Z_EXPECTED = {
+    "z_peft": None,  # from diffusers' injected modules
+    "z_dm_kohya": set(Z_MODULES),
+    "z_kohya": set(Z_MODULES),
+    "z_dotted_qkv": {"layers.0.attention.to_q", "layers.0.attention.to_k", "layers.0.attention.to_v",
+                     "layers.0.attention.to_out.0", "layers.0.feed_forward.w1", "noise_refiner.0.attention.to_q",
+                     "noise_refiner.0.attention.to_k"},
+    "z_lokr": {"layers.0.attention.to_q", "layers.0.attention.to_v", "layers.0.feed_forward.w1"},
+}
+Z_FORMATS: dict = {}  # diffusers-named (transformer.) Z-Image files are z_image too: no Lumina-2 rename
+
+
+@pytest.mark.parametrize("name", sorted(Z_EXPECTED))
+def test_z_image_against_diffusers(ref, name):
+    base, want, info = _fused_pair(ref, name, "transformer")
+    assert not [w for w in info["warnings"] if "unexpected" in w.lower() or "missing" in w.lower()], info["warnings"]
+    path = ref["files"][name]
+    got, report = _jlora(path, {"transformer": base}, "z_image")
+    _assert_complete(report, path, Z_FORMATS.get(name, "z_image"))
+    changed = assert_fused_equal(got["transformer"], want, base)
+    expected = Z_EXPECTED[name] if Z_EXPECTED[name] is not None else set(info["loaded"])
+    assert changed == {kernel(m) for m in expected}
+    assert len(expected) >= 3
+
+
+def test_z_image_files_are_not_lumina2(ref):
+    """diffusers-named Z-Image files (feed_forward.w1, attention.to_q) are Z-Image or PEFT, never Lumina-2's
+    original layout, whose `feed_forward.w1` would be renamed to `linear_1`."""
+    for name in Z_EXPECTED:
+        from safetensors import safe_open
+
+        with safe_open(str(ref["files"][name]), "np") as f:
+            keys = list(f.keys())
+        found = [f.name for f in engine.matching_formats(keys)]
+        assert found == [Z_FORMATS.get(name, "z_image")], (name, found)
+    ffn_only = ["transformer.layers.0.feed_forward.w1.lora_A.weight", "transformer.layers.0.feed_forward.w1.lora_B.weight"]
+    assert [f.name for f in engine.matching_formats(ffn_only)] in (["z_image"], ["peft"])
+    lumina2 = ["diffusion_model.layers.0.attention.qkv.lora_A.weight", "diffusion_model.layers.0.feed_forward.w1.lora_A.weight",
+               "diffusion_model.layers.0.adaLN_modulation.1.lora_A.weight"]
+    assert [f.name for f in engine.matching_formats(lumina2)] == ["lumina2"]
+
+
+# ---- LTX-2 -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ltx2_original", "ltx2_peft"])
+def test_ltx2_transformer_and_connectors_against_diffusers(ref, name):
+    t_base, t_want, t_info = _fused_pair(ref, name, "transformer")
+    c_base, c_want, c_info = _fused_pair(ref, name, "connectors")
+    path = ref["files"][name]
+    got, report = _jlora(path, {"transformer": t_base, "connectors": c_base}, "ltx2")
+    _assert_complete(report, path, "ltx2" if name == "ltx2_original" else "peft")
+    t_changed = assert_fused_equal(got["transformer"], t_want, t_base)
+    c_changed = assert_fused_equal(got["connectors"], c_want, c_base)
+    if name == "ltx2_original":
+        assert t_changed == {kernel(m) for m in LTX2_RENAMES.values()}
+        assert c_changed == {kernel(m) for m in CONNECTOR_RENAMES.values()}
+    assert t_changed == {kernel(m) for m in t_info["loaded"]} and len(t_changed) >= 8
+    assert c_changed == {kernel(m) for m in c_info["loaded"]} and len(c_changed) >= 3
