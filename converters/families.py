@@ -28,6 +28,13 @@ FAMILIES: dict[str, Family] = {
         Family("qwen_image", ("transformer", "text_encoder")),
         Family("cogvideox", ("transformer", "text_encoder")),
         Family("mochi", ("transformer", "text_encoder")),
+        Family("flux3", ("transformer", "text_encoder")),
+        Family("krea2", ("transformer", "text_encoder")),
+        Family("ideogram4", ("transformer", "text_encoder")),
+        Family("minimax_h3", ("transformer", "transformer_ref", "text_encoder")),
+        Family("cosmos", ("transformer", "text_encoder")),
+        Family("anima", ("transformer", "text_conditioner", "text_encoder")),
+        Family("ace_step", ("transformer", "text_encoder")),
         Family("z_image", ("transformer", "text_encoder")),
         Family("ltx2", ("transformer", "connectors", "text_encoder")),
     )

@@ -17,7 +17,7 @@ from converters.errors import CorruptFileError, InvalidAdapterError
 from converters.patterns import first_match
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "transformer_2", "prior",
-              "connectors")
+              "connectors", "transformer_ref", "text_conditioner")
 METADATA_KEY = "lora_adapter_metadata"
 
 _PREFIX = r"(?:(?P<component>" + "|".join(COMPONENTS) + r")\.)?(?:base_model\.model\.)?"
