@@ -13,6 +13,9 @@ scheduler config, optional `--snr-gamma`); SDXL adds its two text encoders, pool
 size/crop ids as `train_dreambooth_lora_sdxl.py` does; Flux trains its transformer with the flow-matching
 loss of `train_dreambooth_lora_flux.py` (`--weighting-scheme`, `--guidance`). AdamW with warmup and a constant or cosine
 schedule, gradient clipping and accumulation; the batch is split over every device (`data` axis).
+`--train-text-encoder` also trains LoRAs on the CLIP text encoders' attention projections (SDXL: both,
+Flux: CLIP only) as the DreamBooth scripts' `--train_text_encoder` does: their token ids are cached and
+the encoders run inside the loss (`--text-encoder-lr` sets their learning rate).
 
 Writes `OUT/checkpoints/<step>` (adapter and optimizer state, orbax) every `--save-every` steps,
 `OUT/validation/<step>.png` every `--validate-every` steps, and at the end
@@ -50,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="also train LoRAs on the CLIP text encoder(s)' q/k/v/out projections (SDXL: both encoders; "
+                        "Flux: CLIP only, T5 stays frozen), as diffusers' DreamBooth scripts' --train_text_encoder")
+    p.add_argument("--text-encoder-lr", type=float, default=None, help="text encoders' learning rate (default: --lr)")
     p.add_argument("--targets", default=None, help="regex over the denoiser's kernel paths (default: the attention "
                    "projections: SD/SDXL attn[12]/to_(q|k|v|out_0), Flux (img|txt)_attn/(qkv|proj)|linear[12])")
     p.add_argument("--weighting-scheme", default="none", choices=("none", "sigma_sqrt", "logit_normal", "mode", "cosmap"),
@@ -92,6 +99,8 @@ def encoders(pipe):
         out = {"context": jax.device_get(context)}
         if pooled is not None:
             out["pooled"] = jax.device_get(pooled)
+        for i, ids in enumerate(pipe.token_ids(list(texts))):  # text-encoder training encodes them every step
+            out[f"ids{i}"] = ids.astype("int32")
         return out
 
     return images, captions
@@ -113,6 +122,8 @@ def step_batch(cache, order, step: int, args, scaling: float, family: str, shift
     latents = (mean + std * rng.standard_normal(mean.shape).astype(np.float32) - shift) * scaling
     batch = {"latents": latents.astype(np.float32), "noise": rng.standard_normal(mean.shape).astype(np.float32),
              "timesteps": rng.integers(0, 1000, len(idx)).astype(np.int32), "context": cache["captions/context"][idx]}
+    if args.train_text_encoder:
+        batch.update({k[len("captions/"):]: v[idx] for k, v in cache.items() if k.startswith("captions/ids")})
     if family == "flux":
         import jax
 
@@ -141,10 +152,14 @@ def make_flux_loss(pipe, args):
 
     def loss_fn(params, batch):
         h, w = batch["latents"].shape[-2:]
+        pooled = batch["pooled"]
+        if args.train_text_encoder:  # CLIP (with its LoRA) gives the pooled embedding; T5's context is cached
+            pooled = pipe.encode_pooled(params, batch["ids0"]).astype(pooled.dtype)
+            params = params["transformer"]
 
         def model_fn(noisy, t):
             txt = batch["context"]
-            out = apply_fn(params, pack(noisy), txt, batch["pooled"], t / 1000, jnp.asarray(image_ids(h, w)),
+            out = apply_fn(params, pack(noisy), txt, pooled, t / 1000, jnp.asarray(image_ids(h, w)),
                            jnp.zeros((txt.shape[1], 3), jnp.float32),
                            jnp.full((noisy.shape[0],), args.guidance, jnp.float32) if guided else None)
             return unpack(out, h, w)
@@ -164,9 +179,15 @@ def make_loss(pipe, args, alphas):
     prediction = pipe.scheduler_config.get("prediction_type", "epsilon")
 
     def loss_fn(params, batch):
+        context, pooled = batch["context"], batch.get("pooled")
+        if args.train_text_encoder:  # the text encoders (with their LoRAs) run inside the loss
+            ids = [batch[f"ids{i}"] for i in range(len(pipe.encoder_names))]
+            context, pooled = pipe.encode_tokens(params, ids)
+            params = params["unet"]
+
         def model_fn(noisy, t):
-            added = {"text_embeds": batch["pooled"], "time_ids": batch["time_ids"]} if sdxl else None
-            return unet.apply({"params": params}, noisy, t, batch["context"], added, train=False).sample
+            added = {"text_embeds": pooled, "time_ids": batch["time_ids"]} if sdxl else None
+            return unet.apply({"params": params}, noisy, t, context, added, train=False).sample
 
         return objectives.diffusion_loss(model_fn, batch["latents"], batch["noise"], batch["timesteps"], alphas,
                                          prediction_type=prediction, snr_gamma=args.snr_gamma)
@@ -181,13 +202,22 @@ def optimizer(args):
 
     updates = max(1, args.steps // args.accumulate)
     warmup = min(args.warmup, updates)
-    if args.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(warmup, 1) if warmup else 1, max(updates, warmup + 1))
-    else:
-        lr = optax.join_schedules([optax.linear_schedule(0.0, args.lr, warmup), optax.constant_schedule(args.lr)],
-                                  [warmup]) if warmup else args.lr
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm),
-                     optax.adamw(lr, weight_decay=args.weight_decay))
+
+    def schedule(peak):
+        if args.schedule == "cosine":
+            return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1) if warmup else 1,
+                                                      max(updates, warmup + 1))
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
+                                    [warmup]) if warmup else peak
+
+    adamw = optax.adamw(schedule(args.lr), weight_decay=args.weight_decay)
+    if args.train_text_encoder:  # one global-norm clip over all factors, as the scripts' params_to_optimize
+        text = optax.adamw(schedule(args.text_encoder_lr if args.text_encoder_lr is not None else args.lr),
+                           weight_decay=args.weight_decay)
+        adamw = optax.multi_transform({"denoiser": adamw, "text": text},
+                                      lambda tree: {k: "text" if k.startswith("text_encoder") else "denoiser"
+                                                    for k in tree})
+    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), adamw)
     if args.accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=args.accumulate)
     return training.optimizer(tx)
@@ -199,15 +229,28 @@ def denoiser(pipe) -> str:
 
 DEFAULT_TARGETS = {"sd": r"attn[12]/to_(q|k|v|out_0)", "sdxl": r"attn[12]/to_(q|k|v|out_0)",
                    "flux": r"(img|txt)_attn/(qkv|proj)|linear[12]"}
+TEXT_ENCODER_TARGETS = r"self_attn/(q|k|v|out)_proj"  # diffusers' scripts: q_proj, k_proj, v_proj, out_proj
 
 
-def validate(pipe, adapter, args, step: int, folder: str) -> str:
+def text_encoders(pipe) -> list[str]:
+    """The text encoders `--train-text-encoder` trains: SD/SDXL's CLIPs, Flux's CLIP (not T5)."""
+    return ["text_encoder"] if pipe.family == "flux" else list(pipe.encoder_names)
+
+
+def lora_files(pipe, adapter, args) -> dict:
+    """`{component: adapter}` as saved: the denoiser's, and the text encoders' when they train."""
+    if args.train_text_encoder:
+        return dict(adapter)
+    return {denoiser(pipe): adapter}
+
+
+def validate(pipe, adapters, args, step: int, folder: str) -> str:
     """A validation PNG of the LoRA at `step` (the LoRA goes through a diffusers file, as a user loads it)."""
     import jlora
     from jlora.pipelines import Lora, Request, common, images
 
     os.makedirs(folder, exist_ok=True)
-    path = jlora.save_lora_weights(folder, {denoiser(pipe): adapter}, weight_name=f"{step:06d}.safetensors")
+    path = jlora.save_lora_weights(folder, adapters, weight_name=f"{step:06d}.safetensors")
     pics = pipe.generate([Request(args.validation_prompt, loras=(Lora(path),), seed=args.seed,
                                   steps=args.validation_steps, width=args.resolution, height=args.resolution)])
     out = os.path.join(folder, f"{step:06d}.png")
@@ -236,6 +279,8 @@ def main(argv=None) -> int:
         examples = data.read_folder(args.data, instance_prompt=args.instance_prompt)
         if len(examples) < args.batch:
             raise JloraError(f"{args.data}: {len(examples)} examples, fewer than --batch {args.batch}.")
+        if args.text_encoder_lr is not None and not args.train_text_encoder:
+            raise JloraError("--text-encoder-lr needs --train-text-encoder.")
     except (JloraError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -245,7 +290,7 @@ def main(argv=None) -> int:
         mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     images_fn, captions_fn = encoders(pipe)
     cache = data.cache_latents(examples, images_fn, captions_fn, os.path.join(args.out, "cache.safetensors"),
-                               resolution=args.resolution, seed=args.seed, key=f"{os.path.abspath(args.model)}",
+                               resolution=args.resolution, seed=args.seed, key=f"{os.path.abspath(args.model)}|ids",
                                center_crop=args.center_crop, random_flip=args.random_flip,
                                flip_before_crop=pipe.family in ("sdxl", "flux"))
     order = lambda epoch: data.batches(len(examples), args.batch, seed=args.seed, epoch=epoch, drop_last=True)  # noqa: E731
@@ -257,9 +302,16 @@ def main(argv=None) -> int:
         scaling, shift, flow = pipe.vae_scaling_factor, 0.0, None
         alphas = objectives.alphas_cumprod(pipe.scheduler_config)
 
-    params = jax.device_put(pipe.params[denoiser(pipe)], NamedSharding(mesh, P()))
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(pipe.params[denoiser(pipe)], replicated)
     adapter = jlora.init_adapter(params, jax.random.key(args.seed), rank=args.rank, alpha=args.alpha,
                                  targets=args.targets or DEFAULT_TARGETS[pipe.family])
+    if args.train_text_encoder:
+        params, adapter = {denoiser(pipe): params}, {denoiser(pipe): adapter}
+        for i, name in enumerate(text_encoders(pipe)):
+            params[name] = jax.device_put(pipe.params[name], replicated)
+            adapter[name] = jlora.init_adapter(params[name], jax.random.fold_in(jax.random.key(args.seed), i + 1),
+                                               rank=args.rank, alpha=args.alpha, targets=TEXT_ENCODER_TARGETS)
     tx = optimizer(args)
     opt_state = training.init_opt_state(tx, adapter)
     ckpt = os.path.join(args.out, "checkpoints")
@@ -274,7 +326,8 @@ def main(argv=None) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=args.steps, initial=start, desc="training", unit="step")
-    print(f"{pipe.family} {denoiser(pipe)} LoRA rank {args.rank} on {jlora.count(adapter)} kernels, {len(examples)} images, "
+    trained = "+".join([denoiser(pipe)] + (text_encoders(pipe) if args.train_text_encoder else []))
+    print(f"{pipe.family} {trained} LoRA rank {args.rank} on {jlora.count(adapter)} kernels, {len(examples)} images, "
           f"batch {args.batch} over {mesh.shape['data']} device(s)")
     t0, losses = time.perf_counter(), []
     for step in range(start, args.steps):
@@ -288,11 +341,12 @@ def main(argv=None) -> int:
         if done % args.save_every == 0 or done == args.steps:
             training.save_checkpoint(ckpt, done, {"adapter": adapter, "opt_state": opt_state}, max_to_keep=3)
         if args.validation_prompt and (done % args.validate_every == 0 or done == args.steps):
-            validate(pipe, adapter, args, done, os.path.join(args.out, "validation"))
+            validate(pipe, lora_files(pipe, adapter, args), args, done, os.path.join(args.out, "validation"))
     if bar:
         bar.close()
     weight_name = "pytorch_lora_weights.safetensors" if args.format == "diffusers" else "lora_kohya.safetensors"
-    path = jlora.save_lora_weights(args.out, {denoiser(pipe): adapter}, weight_name=weight_name, format=args.format)
+    path = jlora.save_lora_weights(args.out, lora_files(pipe, adapter, args), weight_name=weight_name,
+                                   format=args.format)
     if losses:
         print(f"steps {start + 1}..{args.steps}: loss first {losses[0]:.4f}, last {losses[-1]:.4f}")
     print(f"wrote {path}")

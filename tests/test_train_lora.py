@@ -109,3 +109,126 @@ def test_bad_input(tmp_path, photos, capsys):
     err = capsys.readouterr().err
     assert "x.png" in err and "Traceback" not in err
     assert train_lora.main(_args(model, str(nocap), tmp_path / "o2", "--steps", "1", "--instance-prompt", "sks")) == 0
+
+
+def _torch_grads(model, placed):
+    """{flax path: (a, b)} gradients of a PEFT-wrapped torch model's LoRA factors, in Flax layout."""
+    from test_training import _torch_factors
+
+    return _torch_factors(model, placed, attr="grad")
+
+
+def _exact_geglu_as_tanh(unet):
+    """diffusers' Flax GEGLU uses the tanh GELU where the torch one uses the exact GELU (a port difference);
+    with this the torch reference computes the Flax UNet's function (see tests/test_training.py)."""
+    import types
+
+    from diffusers.models.activations import GEGLU
+
+    for m in unet.modules():
+        if isinstance(m, GEGLU):
+            m.gelu = types.MethodType(lambda self, g: torch.nn.functional.gelu(g, approximate="tanh"), m)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_text_encoder_lora_loss_and_gradients_match_the_dreambooth_scripts(tmp_path, family):
+    """`train_dreambooth_lora.py` / `train_dreambooth_lora_sdxl.py --train_text_encoder`: the CLIP encoders
+    with their LoRAs run inside the loss (SD: last hidden state; SDXL: both encoders' penultimate hidden
+    states concatenated, pooled from the second's projection). Reference: diffusers' torch pipeline with
+    the same adapters loaded by `load_lora_weights`, the scripts' loss lines, torch autograd."""
+    from diffusers import DDPMScheduler
+
+    import jax
+    import jax.numpy as jnp
+
+    from jlora import data, objectives
+    from jlora.pipelines import load_pipeline
+
+    pipe = load_pipeline(P.pipeline_dir(family))
+    args = train_lora.parse_args(["--model", "m", "--data", "d", "--out", "o", "--train-text-encoder"])
+    key = jax.random.key(1)
+    adapter = {"unet": jlora.init_adapter(pipe.params["unet"], key, rank=4, alpha=8,
+                                          targets=train_lora.DEFAULT_TARGETS[family], b_std=0.05)}
+    for i, name in enumerate(pipe.encoder_names):
+        adapter[name] = jlora.init_adapter(pipe.params[name], jax.random.fold_in(key, i + 1), rank=4, alpha=8,
+                                           targets=train_lora.TEXT_ENCODER_TARGETS, b_std=0.05)
+    path = jlora.save_lora_weights(tmp_path, adapter)
+
+    prompts = ["a red cat", "a photo of the blue dog riding a horse"]
+    ids = pipe.token_ids(prompts)
+    rng = np.random.default_rng(4)
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    noise = rng.standard_normal(latents.shape).astype(np.float32)
+    timesteps = np.array([77, 901], np.int32)
+    time_ids = data.sdxl_time_ids(np.array([[40, 48], [32, 36]]), np.array([[0, 4], [2, 0]]), 32)
+
+    tp = P.torch_pipeline(family)
+    tp.load_lora_weights(str(tmp_path), weight_name=os.path.basename(path), adapter_name="default")
+    encoders = [tp.text_encoder] + ([tp.text_encoder_2] if family == "sdxl" else [])
+    _exact_geglu_as_tanh(tp.unet)
+    for m in [tp.unet, *encoders]:
+        for n, prm in m.named_parameters():
+            prm.requires_grad_(".lora_" in n)
+    if family == "sd":
+        context_t = encoders[0](torch.from_numpy(ids[0]))[0]
+        added = None
+    else:
+        hidden, pooled_t = [], None
+        for enc, i in zip(encoders, ids):
+            out = enc(torch.from_numpy(i), output_hidden_states=True)
+            pooled_t = out[0]
+            hidden.append(out.hidden_states[-2])
+        context_t = torch.cat(hidden, dim=-1)
+        added = {"text_embeds": pooled_t, "time_ids": torch.from_numpy(np.asarray(time_ids))}
+    sched = DDPMScheduler.from_config(tp.scheduler.config)
+    x0, eps, t = torch.from_numpy(latents), torch.from_numpy(noise), torch.from_numpy(timesteps).long()
+    pred = tp.unet(sched.add_noise(x0, eps, t), t, context_t, added_cond_kwargs=added).sample
+    loss_t = torch.nn.functional.mse_loss(pred.float(), eps.float(), reduction="mean")
+    loss_t.backward()
+
+    batch = {"latents": latents, "noise": noise, "timesteps": timesteps, "context": np.zeros((2, 1, 1), np.float32),
+             "pooled": np.zeros((2, 1), np.float32), "time_ids": np.asarray(time_ids)}
+    batch.update({f"ids{i}": v for i, v in enumerate(ids)})
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}  # as the script's sharded batches
+    loss_fn = train_lora.make_loss(pipe, args, objectives.alphas_cumprod(pipe.scheduler_config))
+    params = {k: pipe.params[k] for k in adapter}
+    value, grads = jax.jit(jax.value_and_grad(lambda a: loss_fn(jlora.apply(params, a), batch)))(adapter)
+    np.testing.assert_allclose(float(value), float(loss_t), rtol=1e-4)
+    for name, torch_model in [("unet", tp.unet)] + list(zip(pipe.encoder_names, encoders)):
+        _, report = jlora.load_lora(path, pipe.params[name], name, return_report=True)
+        for n, prm in torch_model.named_parameters():  # unused by the loss (SDXL: encoder 1's last layer)
+            if ".lora_" in n and prm.grad is None:
+                prm.grad = torch.zeros_like(prm)
+        want = _torch_grads(torch_model, report.placed)
+        assert want, name
+        d2 = n2 = 0.0
+        for leaf_path, (a_t, b_t) in want.items():
+            node = grads[name]
+            for k in leaf_path.split("/"):
+                node = node[k]
+            d = np.concatenate([(np.asarray(node.a) - a_t).ravel(), (np.asarray(node.b) - b_t).ravel()])
+            g = np.concatenate([a_t.ravel(), b_t.ravel()])
+            d2, n2 = d2 + float(d @ d), n2 + float(g @ g)
+        assert n2 > 1e-12 and np.sqrt(d2) <= 1e-4 * np.sqrt(n2), (name, np.sqrt(d2 / n2))
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_train_text_encoder_writes_encoder_loras_that_diffusers_loads(tmp_path, photos, family):
+    """`--train-text-encoder` adds text-encoder LoRAs to the file (Flux: CLIP only); diffusers' pipeline
+    loads them and its prompt embeddings change."""
+    out = tmp_path / "run"
+    assert train_lora.main(_args(P.pipeline_dir(family), photos, out, "--steps", "2", "--train-text-encoder",
+                                 "--text-encoder-lr", "1e-2")) == 0
+    tensors, _ = load_file(out / "pytorch_lora_weights.safetensors")
+    prefixes = {k.split(".", 1)[0] for k in tensors}
+    assert prefixes == {P.DENOISER[family], "text_encoder"}
+    tp = P.torch_pipeline(family)
+    kw = {"prompt_2": None} if family == "flux" else {"device": "cpu", "num_images_per_prompt": 1,
+                                                      "do_classifier_free_guidance": False}
+    with torch.no_grad():
+        before = tp.encode_prompt("a red cat", **kw)
+        tp.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+        after = tp.encode_prompt("a red cat", **kw)
+    changed = before[1] if family == "flux" else before[0]  # Flux: CLIP's pooled embedding
+    new = after[1] if family == "flux" else after[0]
+    assert float((new - changed).abs().max()) > 1e-4

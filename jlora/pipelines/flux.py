@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -150,11 +150,24 @@ class Flux:
         return jax.jit(decode, static_argnums=(2, 3))
 
     def encode_prompts(self, prompts: Sequence[str], loras):
-        clip_tok, t5_tok = self.tokenizers
-        clip_ids = common.tokenize(clip_tok, prompts, clip_tok.model_max_length)
-        t5_ids = common.tokenize(t5_tok, prompts, self.max_sequence_length)
+        clip_ids, t5_ids = self.token_ids(prompts)
         return self._encode_fn(self.params, jnp.asarray(clip_ids), jnp.asarray(t5_ids),
                                {k: v for k, v in loras.items() if v is not None})
+
+    def token_ids(self, prompts: Sequence[str]) -> list[np.ndarray]:
+        """`[clip_ids, t5_ids]` `(B, L)` of `prompts` (padded, truncated with a warning)."""
+        clip_tok, t5_tok = self.tokenizers
+        return [common.tokenize(clip_tok, prompts, clip_tok.model_max_length),
+                common.tokenize(t5_tok, prompts, self.max_sequence_length)]
+
+    def encode_pooled(self, params: Mapping[str, Any], clip_ids):
+        """CLIP's pooled output `(B, D)` of `clip_ids` with `params["text_encoder"]` (e.g. a LoRA merged
+        in): a pure function, so training a CLIP LoRA puts it inside the loss (T5 stays frozen)."""
+        clip = self.clip
+        clip_ids = jnp.asarray(clip_ids)
+        position = jnp.broadcast_to(jnp.arange(clip_ids.shape[-1]), clip_ids.shape)
+        return clip.module.apply({"params": params["text_encoder"]}, clip_ids, jnp.ones_like(clip_ids), position,
+                                 deterministic=True).pooler_output
 
     def generate(self, requests: Sequence[common.Request], lora_cache: common.LoraCache | None = None,
                  latents: np.ndarray | None = None, *, default_steps: int = 28,

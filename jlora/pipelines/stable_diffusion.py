@@ -172,8 +172,21 @@ class StableDiffusion:
     # ---- one batch -----------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str], loras: Mapping[str, Any], what: str = "prompt"):
-        ids = [jnp.asarray(common.tokenize(t, prompts, t.model_max_length, what)) for t in self.tokenizers]
+        ids = [jnp.asarray(i) for i in self.token_ids(prompts, what)]
         return self._encode_fn(self.params, ids, {k: v for k, v in loras.items() if v is not None})
+
+    def token_ids(self, prompts: Sequence[str], what: str = "prompt") -> list[np.ndarray]:
+        """Token ids `(B, L)` of `prompts`, one array per text encoder (padded, truncated with a warning)."""
+        return [common.tokenize(t, prompts, t.model_max_length, what) for t in self.tokenizers]
+
+    def encode_tokens(self, params: Mapping[str, Any], ids: Sequence[Any]):
+        """`(context, pooled)` of token ids (from `token_ids`) through the text encoders in `params`.
+
+        A pure function of `params` (`{"text_encoder": ..., ["text_encoder_2": ...]}`, e.g. with a LoRA
+        merged by `jlora.apply`), so it can sit inside a loss: training text-encoder LoRAs goes through it.
+        `pooled` is None for SD 1.x.
+        """
+        return self._encode_fn(params, [jnp.asarray(i) for i in ids], {})
 
     def generate(self, requests: Sequence[common.Request], lora_cache: common.LoraCache | None = None,
                  latents: np.ndarray | None = None, *, default_steps: int = 30,
