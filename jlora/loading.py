@@ -221,6 +221,7 @@ def load_lora_weights(
     metadata: Mapping | None = None,
     adapter_name: str | None = None,
     return_report: bool = False,
+    load_into_transformer_2: bool = False,
     **file_kwargs,
 ):
     """Load a pipeline LoRA file into adapters for several components.
@@ -236,6 +237,9 @@ def load_lora_weights(
       family: `sd`, `sdxl`, `flux`, `sd3`; checks the component names.
       format, strict, dtype, metadata, adapter_name, return_report: as in `load_lora`.
       schemes: component -> naming scheme (default: detected per params tree).
+      load_into_transformer_2: load the file's transformer LoRA into `params["transformer_2"]` (Wan 2.2's
+        second expert) instead, as diffusers' `load_lora_weights(..., load_into_transformer_2=True)`;
+        the other components get `None` and the report names the file's component, `transformer`.
       **file_kwargs: `weight_name`, `subfolder`, `allow_pickle`, `local_files_only`,
         `cache_dir`, `revision`, `token`.
 
@@ -255,6 +259,8 @@ def load_lora_weights(
                              f"(components that take no LoRA, {sorted(PASSED_THROUGH)}, are passed through).")
     if not targets:
         raise JloraError(f"load_lora_weights: none of the components {sorted(params)} takes LoRAs.")
+    if load_into_transformer_2:
+        targets = _as_transformer(targets)
     adapters, report = _load(
         source,
         targets,
@@ -267,8 +273,18 @@ def load_lora_weights(
         file_kwargs=file_kwargs,
     )
     report.adapter_name = adapter_name
+    if load_into_transformer_2:
+        adapters = {"transformer_2": adapters["transformer"]}
     adapters = {c: adapters.get(c) for c in params}  # vae, scheduler, ...: passed through as None
     return (adapters, report) if return_report else adapters
+
+
+def _as_transformer(targets: Mapping[str, PyTree]) -> dict:
+    """The `transformer_2` params as the target of a file's `transformer` keys (Wan 2.2's second expert)."""
+    if "transformer_2" not in targets:
+        raise JloraError(f"load_into_transformer_2=True needs params['transformer_2'] (Wan 2.2's second expert); "
+                         f"params has {sorted(targets)}.")
+    return {"transformer": targets["transformer_2"]}
 
 
 def apply_pipeline(params: Mapping[str, PyTree], adapters: Mapping[str, PyTree | None], scale=1.0, *,

@@ -355,3 +355,59 @@ def test_ltx2_transformer_and_connectors_against_diffusers(ref, name):
         assert c_changed == {kernel(m) for m in CONNECTOR_RENAMES.values()}
     assert t_changed == {kernel(m) for m in t_info["loaded"]} and len(t_changed) >= 8
     assert c_changed == {kernel(m) for m in c_info["loaded"]} and len(c_changed) >= 3
+
+
+# ---- Wan 2.2: the second expert -------------------------------------------------------------------
+
+WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+           freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+           rope_max_seq_len=32)
+WAN_SOURCES = {  # Wan original name -> diffusers module
+    "diffusion_model.blocks.0.self_attn.q": "blocks.0.attn1.to_q",
+    "diffusion_model.blocks.1.cross_attn.o": "blocks.1.attn2.to_out.0",
+    "diffusion_model.blocks.0.ffn.0": "blocks.0.ffn.net.0.proj",
+    "diffusion_model.head.head": "proj_out",
+}
+
+
+def test_wan22_transformer_2_against_diffusers(tmp_path):
+    """diffusers 0.35.2's `WanLoraLoaderMixin.load_lora_weights(path, load_into_transformer_2=True)` puts the file's
+    transformer LoRA into `transformer_2` only; jlora's `load_into_transformer_2=True` does the same."""
+    import copy
+
+    import torch
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders import WanLoraLoaderMixin
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(0)
+    high = WanTransformer3DModel(**WAN).eval()
+    torch.manual_seed(1)
+    low = WanTransformer3DModel(**WAN).eval()
+    weights = {k: v.numpy() for k, v in low.state_dict().items()}
+    path = tmp_path / "wan22_low_noise.safetensors"
+    keys = _lora_file(path, weights, WAN_SOURCES, down="lora_A.weight", up="lora_B.weight", seed=7)
+
+    class Pipeline(WanLoraLoaderMixin):  # the two experts of a Wan 2.2 pipeline, nothing else
+        hf_device_map = None
+        components: dict = {}
+
+    pipe = Pipeline()
+    pipe.transformer, pipe.transformer_2 = copy.deepcopy(high), copy.deepcopy(low)
+    pipe.load_lora_weights(str(tmp_path), weight_name=path.name, load_into_transformer_2=True)
+    assert not any(isinstance(m, LoraLayer) for m in pipe.transformer.modules())
+    pipe.transformer_2.fuse_lora(lora_scale=SCALE)
+    pipe.transformer_2.unload_lora()
+    want = flat_tree({k: v.numpy() for k, v in pipe.transformer_2.state_dict().items()})
+
+    bases = {"transformer": flat_tree({k: v.numpy() for k, v in high.state_dict().items()}), "transformer_2": flat_tree(weights)}
+    trees = {c: nested(b) for c, b in bases.items()}
+    adapters, report = jlora.load_lora_weights(str(path), trees, family="wan", load_into_transformer_2=True,
+                                               return_report=True)
+    assert adapters["transformer"] is None
+    assert not report.unmatched and not report.unplaced and not report.skipped and set(report.loaded_keys) == set(keys)
+    got = flatten(jlora.fuse(trees["transformer_2"], adapters["transformer_2"], SCALE))
+    changed = assert_fused_equal(got, want, bases["transformer_2"])
+    assert changed == {kernel(m) for m in WAN_SOURCES.values()}
+    with pytest.raises(jlora.JloraError, match="transformer_2"):
+        jlora.load_lora_weights(str(path), {"transformer": trees["transformer"]}, family="wan", load_into_transformer_2=True)
