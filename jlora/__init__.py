@@ -46,6 +46,8 @@ from jlora.saving import save_lora_weights
 from jlora.sharding import adapter_shardings
 from jlora.sharding import adapter_specs
 from jlora.sharding import shard_adapter
+from jlora.strategy import strategy_plan
+from jlora.strategy import with_lora
 
 __version__ = "0.1.0"
 
@@ -94,6 +96,8 @@ __all__ = [
     "set_lora_device",
     "shard_adapter",
     "stack_adapters",
+    "strategy_plan",
     "summary",
     "unfuse",
+    "with_lora",
 ]

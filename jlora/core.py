@@ -58,7 +58,8 @@ def delta(adapter: PyTree, scale=1.0) -> PyTree:
     return jax.tree.map(lambda leaf: None if leaf is None else s * leaf.delta(), adapter, is_leaf=is_adapter_leaf)
 
 
-def apply(params: PyTree, adapter: PyTree, scale=1.0, *, component: str | None = None) -> PyTree:
+def apply(params: PyTree, adapter: PyTree, scale=1.0, *, component: str | None = None, strategy: str = "merge",
+          apply_fn=None) -> PyTree:
     """Params with the adapter merged in: `W + scale * (alpha / r) * a @ b` for each adapted weight.
 
     The delta is computed in float32 and the result cast back to the weight's dtype.
@@ -70,11 +71,27 @@ def apply(params: PyTree, adapter: PyTree, scale=1.0, *, component: str | None =
       scale: the call-time LoRA scale (diffusers' `cross_attention_kwargs={"scale": s}`).
       component: with a `jlora.Adapters` collection, the component to take (its active adapters at their
         weights, `jlora.resolve`).
+      strategy: "merge" (the default) returns merged params. "unmerged" and "auto" need `apply_fn`
+        (a linen model's call taking the params tree first) and return `call(*args, **kwargs)`, which runs
+        `apply_fn(params, *args, **kwargs)` with each kernel LoRA either merged or run beside its
+        nn.Dense / nn.Conv layer: "unmerged" always beside, "auto" whichever costs less for the tokens
+        the layer sees (decided at trace time; `jlora.strategy_plan` lists the choices).
+      apply_fn: the model call for strategy "unmerged" / "auto".
 
     >>> y = jax.jit(lambda p, a, s, x: model.apply({"params": jlora.apply(p, a, s)}, x))(p, a, 0.8, x)
+    >>> fn = lambda p, x: model.apply({"params": p}, x)
+    >>> y = jax.jit(lambda p, a, s, x: jlora.apply(p, a, s, strategy="auto", apply_fn=fn)(x))(p, a, 0.8, x)
     """
     s = check_scale(scale, "apply")
     adapter = _resolved(adapter, component, "apply")
+    if strategy != "merge" or apply_fn is not None:
+        from jlora.strategy import with_lora
+
+        if apply_fn is None:
+            raise InvalidAdapterError(f"apply: strategy={strategy!r} runs LoRAs beside their layers during the model call, "
+                                      "so it needs apply_fn= (the model call taking the params tree first).")
+        fn = with_lora(apply_fn, strategy=strategy)
+        return lambda *args, **kwargs: fn(params, adapter, s, *args, **kwargs)
     if adapter is None:
         return params
 
@@ -201,10 +218,26 @@ def unfuse(params: PyTree, adapter, scale=None, *, record: FuseRecord | None = N
     leaves = jax.tree.leaves(adapter, is_leaf=is_adapter_leaf)
     if any(leaf is not None and not leaf.invertible for leaf in leaves):
         raise InvalidAdapterError(
-            "unfuse: this adapter has leaves whose fusing is not additive (DoRA rescales weights, set "
-            "weights replace them), so it cannot be subtracted; keep the params from before fuse() instead."
+            "unfuse: this adapter has leaves whose fusing cannot be undone (DoRA renormalises weights, set "
+            "weights replace them); keep the params from before fuse() instead."
         )
-    return _apply_jit(params, adapter, -check_scale(scale, "unfuse"))
+    return _unapply_jit(params, adapter, check_scale(scale, "unfuse"))
+
+
+def _unapply(params: PyTree, adapter: PyTree, s) -> PyTree:
+    """Each adapted weight through its leaf's `unmerge` (subtraction for additive leaves; the exact
+    inverse for IA3 / GLoRA / OFT / BOFT, which rescale the weight)."""
+
+    def undo(leaf, w):
+        if leaf is None:
+            return w
+        _check_shape(leaf, w)
+        return leaf.unmerge(w, s).astype(w.dtype)
+
+    return _map(undo, adapter, params, "unfuse")
+
+
+_unapply_jit = jax.jit(_unapply)
 
 
 def combine(adapters: Mapping[str, PyTree] | Sequence[PyTree], weights=None) -> PyTree:
@@ -240,8 +273,9 @@ def combine(adapters: Mapping[str, PyTree] | Sequence[PyTree], weights=None) -> 
         present = [(l, w) for l, w in zip(leaves, ws) if l is not None]
         if not present:
             return None
-        if any(not l.invertible for l, _ in present):
-            raise InvalidAdapterError("combine: DoRA leaves rescale weights and cannot be summed with other adapters.")
+        if any(not l.additive for l, _ in present):
+            raise InvalidAdapterError("combine: DoRA, set and multiplicative LyCORIS leaves (IA3, GLoRA, OFT, BOFT) change "
+                                      "weights as a function of the weight and cannot be summed with other adapters.")
         if not all(isinstance(l, LoraLeaf) for l, _ in present):
             return SumLeaf(parts=tuple(l for l, _ in present), weights=jnp.stack([jnp.asarray(w, jnp.float32) for _, w in present]))
         if len({jnp.ndim(l.b) for l, _ in present}) > 1:

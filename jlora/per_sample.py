@@ -228,17 +228,8 @@ def per_sample(stacked: PyTree, ids, scales=1.0, *, method: str = "concat", stri
     table, k = _leaf_table(stacked)
     ids, scales = _batch_arrays(ids, scales, k)
     lora = _lora_concat if method == "concat" else _lora_gather
-    used: set = set()
-    busy: list = []  # non-empty while a LoRA branch runs its own conv module
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        leaf = None
-        if not busy and context.method_name == "__call__" and module.scope is not None:
-            leaf = table.get(tuple(module.path))
-        if leaf is None:
-            return next_fun(*args, **kwargs)
-        x = jnp.asarray(args[0] if args else kwargs["inputs"])  # nn.Dense / nn.Conv take `inputs`
+    def run(module, leaf, x, call, args, kwargs):
         if _layer_stacked(leaf):
             leaf = _layer_slice(module, leaf, _name(module.path + ("kernel",)))
         _check_module(module, leaf, x, ids.shape[0], _name(module.path + ("kernel",)))
@@ -248,23 +239,55 @@ def per_sample(stacked: PyTree, ids, scales=1.0, *, method: str = "concat", stri
                 "baked into the compiled function; pass stacked, ids and scales as arguments of the jitted "
                 "function and enter per_sample inside it (per_sample_apply does this)."
             )
-        y = next_fun(*args, **kwargs)
+        y = call()
         dtype = jnp.promote_types(x.dtype, leaf.a.dtype)
         factors = LoraLeaf(a=leaf.a.astype(dtype), b=leaf.b.astype(dtype), alpha=jnp.asarray(leaf.alpha, jnp.float32))
+        return y + lora(module, x.astype(dtype), factors, ids, scales).astype(y.dtype)
+
+    with intercept_adapted(table, run, "per_sample", strict=strict) as used:
+        yield used
+
+
+@contextlib.contextmanager
+def intercept_adapted(table: Mapping[tuple, Any], run, what: str, *, strict: bool = True):
+    """Route every linen `__call__` of a module whose path is a key of `table` through `run`.
+
+    `run(module, leaf, x, call, args, kwargs)` gets the bound module, its `table` entry, the call's input
+    array, `call()` (the module's call as it is) and the call's own arguments, and returns its output. Calls made inside `run`
+    (a LoRA branch running the module's own conv) are not intercepted again. This is the one
+    mechanism that runs LoRAs beside their layers (`per_sample`, `jlora.strategy`).
+
+    Yields:
+      The set of module paths that ran (filled while the model runs).
+
+    Raises:
+      KeyMismatchError: (strict) on leaving the block, entries whose modules never ran.
+    """
+    used: set = set()
+    busy: list = []  # non-empty while `run` runs, so its own module calls pass through
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        leaf = None
+        if not busy and context.method_name == "__call__" and module.scope is not None:
+            leaf = table.get(tuple(module.path))
+        if leaf is None:
+            return next_fun(*args, **kwargs)
+        x = jnp.asarray(args[0] if args else kwargs["inputs"])  # nn.Dense / nn.Conv take `inputs`
         busy.append(module)
         try:
-            delta = lora(module, x.astype(dtype), factors, ids, scales)
+            y = run(module, leaf, x, lambda: next_fun(*args, **kwargs), args, kwargs)
         finally:
             busy.pop()
         used.add(tuple(module.path))
-        return y + delta.astype(y.dtype)
+        return y
 
     with nn.intercept_methods(interceptor):
         yield used
     missing = sorted(_name(p + ("kernel",)) for p in table.keys() - used)
     if strict and missing:
         raise KeyMismatchError(
-            f"per_sample: {len(missing)} adapted kernels were never called as nn.Dense/nn.Conv modules of that path: "
+            f"{what}: {len(missing)} adapted kernels were never called as nn.Dense/nn.Conv modules of that path: "
             f"{missing[:5]}; the model's module paths differ from its params paths, or those modules did not run."
         )
 
