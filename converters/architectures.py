@@ -39,11 +39,28 @@ FLUX_DEV = dict(
     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
 )
 
+# Flux.2 transformers (diffusers `Flux2Transformer2DModel` configs of the released models). dev: 8 double and 48
+# single blocks, 48 heads of 128 (hidden 6144), text features 15360 (Mistral Small 3.1, three layers of 5120),
+# guidance embedder; klein 4B: 5 + 20 blocks, 24 heads (hidden 3072), text 7680 (Qwen3-4B, 3 x 2560), no guidance;
+# klein 9B: 8 + 24 blocks, 32 heads (hidden 4096), text 12288 (Qwen3-8B, 3 x 4096), no guidance. All: 128 latent
+# channels, patch 1, MLP ratio 3 (SwiGLU), timestep channels 256.
+FLUX2_DEV = dict(
+    in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
+    joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0, guidance_embeds=True,
+)
+FLUX2_KLEIN_4B = dict(FLUX2_DEV, num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
+                      guidance_embeds=False)
+FLUX2_KLEIN_9B = dict(FLUX2_DEV, num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
+                      guidance_embeds=False)
+
 FAMILY_MODELS = {
     "sd": {"unet": SD15_UNET, "text_encoder": CLIP_L},
     "sd2": {"unet": SD2_UNET, "text_encoder": CLIP_H},
     "sdxl": {"unet": SDXL_UNET, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G},
     "flux": {"transformer": FLUX_DEV, "text_encoder": CLIP_L},
+    "flux2": {"transformer": FLUX2_DEV},
+    "flux2_klein_4b": {"transformer": FLUX2_KLEIN_4B},
+    "flux2_klein_9b": {"transformer": FLUX2_KLEIN_9B},
 }
 
 
@@ -199,6 +216,49 @@ def flux_index(config: Mapping, dtype=np.float32) -> Index:
     return b.index
 
 
+def flux2_index(config: Mapping, dtype=np.float32) -> Index:
+    """The shape index of diffusers' `Flux2Transformer2DModel` as a torch-mirror tree (diffusers module names,
+    `(in, out)` kernels, norm weights as `scale`; no biases) for a diffusers Flux.2 config."""
+    b = _Builder(dtype)
+    hd = config.get("attention_head_dim", 128)
+    d = config.get("num_attention_heads", 48) * hd
+    mlp = int(d * config.get("mlp_ratio", 3.0))
+    out = config.get("out_channels") or config.get("in_channels", 128)
+
+    def dense(module: str, n_in: int, n_out: int) -> None:
+        b.dense(tuple(module.split(".")), n_in, n_out, bias=False)
+
+    def norms(prefix: str, *names: str) -> None:
+        for n in names:
+            b.add(tuple(f"{prefix}.{n}".split(".")) + ("scale",), (hd,))
+
+    embedders = ["timestep_embedder"] + (["guidance_embedder"] if config.get("guidance_embeds", True) else [])
+    for e in embedders:
+        dense(f"time_guidance_embed.{e}.linear_1", config.get("timestep_guidance_channels", 256), d)
+        dense(f"time_guidance_embed.{e}.linear_2", d, d)
+    dense("double_stream_modulation_img.linear", d, 6 * d)
+    dense("double_stream_modulation_txt.linear", d, 6 * d)
+    dense("single_stream_modulation.linear", d, 3 * d)
+    dense("x_embedder", config.get("in_channels", 128), d)
+    dense("context_embedder", config.get("joint_attention_dim", 15360), d)
+    for i in range(config.get("num_layers", 8)):
+        attn = f"transformer_blocks.{i}.attn"
+        for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            dense(f"{attn}.{name}", d, d)
+        norms(attn, "norm_q", "norm_k", "norm_added_q", "norm_added_k")
+        for ff in ("ff", "ff_context"):
+            dense(f"transformer_blocks.{i}.{ff}.linear_in", d, 2 * mlp)
+            dense(f"transformer_blocks.{i}.{ff}.linear_out", mlp, d)
+    for i in range(config.get("num_single_layers", 48)):
+        attn = f"single_transformer_blocks.{i}.attn"
+        dense(f"{attn}.to_qkv_mlp_proj", d, 3 * d + 2 * mlp)
+        dense(f"{attn}.to_out", d + mlp, d)
+        norms(attn, "norm_q", "norm_k")
+    dense("norm_out.linear", d, 2 * d)
+    dense("proj_out", d, config.get("patch_size", 1) ** 2 * out)
+    return b.index
+
+
 def family_indexes(family: str, dtype=np.float16) -> dict[str, Index]:
     """Shape indexes of every component of a family's standard models (`sd`, `sd2`, `sdxl`, `flux`)."""
     from converters.errors import JloraError
@@ -210,7 +270,7 @@ def family_indexes(family: str, dtype=np.float16) -> dict[str, Index]:
         if component == "unet":
             out[component] = unet_index(cfg, dtype)
         elif component == "transformer":
-            out[component] = flux_index(cfg, dtype)
+            out[component] = (flux2_index if family.startswith("flux2") else flux_index)(cfg, dtype)
         else:
             out[component] = clip_index(**cfg, dtype=dtype)
     return out

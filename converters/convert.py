@@ -115,6 +115,16 @@ def module_table(index: ShapeIndex, scheme: NamingScheme) -> dict[str, str | Non
     return table
 
 
+def target_modules(targets: Mapping[str, ShapeIndex], schemes=None) -> frozenset[str]:
+    """The module names of every target params tree (for formats whose keys alone do not name the model)."""
+    out: set[str] = set()
+    for c, index in targets.items():
+        chosen = schemes.get(c) if isinstance(schemes, Mapping) else schemes
+        scheme = get_scheme(chosen) if chosen else detect_scheme(index)
+        out.update(m for m in module_table(index, scheme).values() if m is not None)
+    return frozenset(out)
+
+
 def _weight_path(rec: Record, module_path: Path, scheme: NamingScheme) -> Path:
     if rec.kind in ("diff", "set") and rec.tensors[rec.kind].ndim == 1:
         return module_path + ("scale",)
@@ -305,7 +315,8 @@ def convert(
     """
     if not tensors:
         raise UnsupportedFormatError(f"{origin}: holds no tensors.")
-    fmt = engine.get_format(format) if format else engine.detect_format(tensors.keys(), origin)
+    fmt = engine.get_format(format) if format else engine.detect_format(
+        tensors.keys(), origin, modules=target_modules(targets, schemes))
     records, unmatched = engine.build_records(fmt, tensors)
     if not records:
         raise UnsupportedFormatError(f"{origin}: format {fmt.name} recognised but no complete LoRA module found.")

@@ -64,6 +64,9 @@ class Format:
     context: Callable[[Mapping[str, str | None]], Mapping] | None = None
     rename: Callable[[str | None, str, Mapping], str] | None = None
     description: str = ""
+    # Also claims `keys` when the target's diffusers module names (`modules`) show its model, for key
+    # names that several model families share (Flux.1 and Flux.2 BFL names); None: keys alone decide.
+    detect_for: Callable[[frozenset[str], frozenset[str]], bool] | None = None
 
 
 _FORMATS: dict[str, Format] = {}
@@ -87,21 +90,26 @@ def formats() -> dict[str, Format]:
     return dict(_FORMATS)
 
 
-def matching_formats(keys: Iterable[str]) -> list[Format]:
-    """The registered formats that claim these keys, after `supersedes` is applied."""
+def matching_formats(keys: Iterable[str], modules: Iterable[str] | None = None) -> list[Format]:
+    """The registered formats that claim these keys, after `supersedes` is applied.
+
+    `modules`: the diffusers module names of the target model, when known (see `Format.detect_for`).
+    """
     keys = frozenset(keys)
-    hits = [f for f in _FORMATS.values() if f.detect(keys)]
+    mods = None if modules is None else frozenset(modules)
+    hits = [f for f in _FORMATS.values()
+            if f.detect(keys) or (mods is not None and f.detect_for is not None and f.detect_for(keys, mods))]
     return [f for f in hits if not any(f.name in g.supersedes for g in hits)]
 
 
-def detect_format(keys: Iterable[str], origin: str = "<state dict>") -> Format:
-    """The one registered format whose detector accepts these keys.
+def detect_format(keys: Iterable[str], origin: str = "<state dict>", modules: Iterable[str] | None = None) -> Format:
+    """The one registered format whose detector accepts these keys (and, if given, the target's `modules`).
 
     Raises:
       UnsupportedFormatError: no format or more than one format matches.
     """
     keys = frozenset(keys)
-    hits = matching_formats(keys)
+    hits = matching_formats(keys, modules)
     if len(hits) == 1:
         return hits[0]
     sample = sorted(keys)[:5]

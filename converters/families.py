@@ -19,6 +19,7 @@ FAMILIES: dict[str, Family] = {
         Family("sd", ("unet", "text_encoder")),
         Family("sdxl", ("unet", "text_encoder", "text_encoder_2")),
         Family("flux", ("transformer", "text_encoder", "text_encoder_2")),
+        Family("flux2", ("transformer", "text_encoder")),
         Family("sd3", ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")),
         Family("wan", ("transformer", "transformer_2", "text_encoder")),
         Family("hunyuan_video", ("transformer", "text_encoder", "text_encoder_2")),

@@ -14,6 +14,7 @@ _MARKERS = (
     ("hidream", re.compile(r"transformer:(double|single)_stream_blocks\.")),
     ("qwen_image", re.compile(r"transformer:transformer_blocks\.\d+\.(img_mlp|txt_mlp|img_mod|txt_mod)\.")),
     ("lumina2", re.compile(r"transformer:(layers|noise_refiner|context_refiner)\.\d+\.(feed_forward|attn)\.")),
+    ("flux2", re.compile(r"transformer:(single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj|(double|single)_stream_modulation)")),
     ("flux", re.compile(r"transformer:(single_transformer_blocks\.\d+\.|.*single_blocks[._]\d+)")),
     ("sd3", re.compile(r"transformer:transformer_blocks\.\d+\.attn\.add_q_proj")),
     ("wan", re.compile(r"transformer:blocks\.\d+\.(attn1|attn2|ffn)\.")),

@@ -33,6 +33,8 @@ FORMAT_FAMILIES = {
     "musubi_wan": "wan",
     "hunyuan_video": "hunyuan_video",
     "lumina2": "lumina2",
+    "flux2": "flux2",
+    "kohya_flux2": "flux2",
 }
 # kohya sd-scripts training metadata shown in the text output (all `ss_*` keys go to --json).
 TRAINING_SHOWN = (

@@ -16,7 +16,7 @@ from converters.naming import NamingScheme, detect_scheme, get_scheme
 from converters.safetensors_io import save_file
 from converters.sources import WEIGHT_NAME
 from jlora.errors import JloraError
-from jlora.leaf import LoraLeaf, is_adapter_leaf
+from jlora.leaf import LokrLeaf, LoraLeaf, is_adapter_leaf
 from jlora.loading import path_of
 from jlora.sharding import to_host
 
@@ -35,13 +35,16 @@ def _component_state(component: str, adapter: PyTree, scheme, dtype):
     for path, leaf in zip(paths, (l for _, l in flat)):
         if leaf is None:
             continue
-        if not isinstance(leaf, LoraLeaf):
+        if not isinstance(leaf, (LoraLeaf, LokrLeaf)):
             raise JloraError(
                 f"{component}:{'/'.join(path)}: a {type(leaf).__name__} cannot be written as a diffusers/PEFT LoRA; "
-                "only LoRA leaves can (fuse other adapter kinds into the weights instead)."
+                "only LoRA and LoKr leaves can (fuse other adapter kinds into the weights instead)."
             )
         if path[-1] != scheme.weight:
             raise JloraError(f"{component}:{'/'.join(path)}: adapter leaf is not on a {scheme.weight!r} weight.")
+        if isinstance(leaf, LokrLeaf):
+            tensors.update(_lokr_state(component, path, leaf, scheme, dtype))
+            continue
         for module, a, b, alpha in _module_factors(leaf, scheme.sources(path[:-1], leaf.shape)):
             if dtype is not None:
                 a, b = a.astype(dtype), b.astype(dtype)
@@ -50,7 +53,27 @@ def _component_state(component: str, adapter: PyTree, scheme, dtype):
             tensors[f"{component}.{module}.lora_B.weight"] = up
             ranks[module] = int(a.shape[-1])
             alphas[module] = alpha
+    if ranks and any(".lokr_" in k for k in tensors):
+        raise JloraError(f"{component}: LoRA and LoKr leaves cannot share one diffusers file (diffusers reads a file "
+                         "with any LoKr key as LoKr only); save them as two adapters.")
     return tensors, ranks, alphas
+
+
+def _lokr_state(component: str, path, leaf: LokrLeaf, scheme, dtype) -> dict:
+    """`{component}.{module}.lokr_w1` / `.lokr_w2` in torch layout, the factor folded into `lokr_w1`.
+
+    diffusers reads such a file as PEFT LoKr with full factors (no alpha: runtime scaling 1)."""
+    sources = scheme.sources(path[:-1], leaf.shape)
+    if len(sources) != 1 or sources[0][1] is not None or sources[0][2]:
+        raise JloraError(f"{component}:{'/'.join(path)}: a LoKr leaf on a stacked or fused weight cannot be written "
+                         "per module; only LoKr leaves on one module's weight can.")
+    module = sources[0][0]
+    w1 = to_host(leaf.w1).astype(np.float64) * float(to_host(leaf.factor))
+    w2 = to_host(leaf.w2)
+    w2 = w2.T if w2.ndim == 2 else w2.transpose(3, 2, 0, 1)
+    out = {f"{component}.{module}.lokr_w1": w1.T.astype(w2.dtype if dtype is None else dtype),
+           f"{component}.{module}.lokr_w2": w2 if dtype is None else w2.astype(dtype)}
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 KOHYA_PREFIXES = {"unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te_",
@@ -207,12 +230,12 @@ def save_lora_weights(
             tensors.update(_kohya_state(component, adapter, (schemes or {}).get(component), dtype, present))
             continue
         comp_tensors, ranks, alphas = _component_state(component, adapter, (schemes or {}).get(component), dtype)
+        tensors.update(comp_tensors)
         if not ranks:
             continue
-        tensors.update(comp_tensors)
         metadata.update({f"{component}.{k}": v for k, v in lora_config(ranks, alphas).items()})
     if not tensors:
-        raise JloraError("save_lora_weights: the adapters hold no LoRA leaves; nothing to save.")
+        raise JloraError("save_lora_weights: the adapters hold no LoRA or LoKr leaves; nothing to save.")
     if is_main_process:
         os.makedirs(os.fspath(save_directory), exist_ok=True)
         header = {"format": "pt"}

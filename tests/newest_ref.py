@@ -5,6 +5,7 @@ Usage: `python newest_ref.py spec.json`. Writes `out` (npz) and `out.json` besid
 * `batch`: several of these in one process (`cases`); outputs are prefixed `<i>/`.
 * `fused`: the seeded model's weights (`base/...`), then the LoRA loaded by `<mixin>.lora_state_dict` +
   `load_lora_into_<component>` and fused at `scale` (`fused/...`); `info.loaded` lists PEFT-wrapped modules.
+* `peft_file`: a PEFT LoRA on the seeded model, written by `<mixin>.save_lora_weights` to `path`.
 """
 
 import importlib
@@ -63,6 +64,28 @@ def op_fused(spec):
     model.unload_lora()
     out.update(_arrays(model, "fused/"))
     return out, {"loaded": loaded, "warnings": capture.messages}
+
+
+def op_peft_file(spec):
+    """A PEFT LoRA (`r`, `alpha`, `targets`, random factors) saved by `<mixin>.save_lora_weights` to `path`."""
+    from diffusers.loaders import lora_pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = _model(spec)
+    torch.manual_seed(spec.get("lora_seed", 1))
+    config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], target_modules=spec["targets"],
+                        init_lora_weights=False)
+    model.add_adapter(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(3.0)
+    path = pathlib.Path(spec["path"])
+    getattr(lora_pipeline, spec["mixin"]).save_lora_weights(
+        str(path.parent), transformer_lora_layers=get_peft_model_state_dict(model), weight_name=path.name,
+        transformer_lora_adapter_metadata=config.to_dict())
+    return {}, {"file": str(path)}
 
 
 def op_peft_components(spec):

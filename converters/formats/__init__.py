@@ -3,6 +3,7 @@
 from converters.formats import diffusers_old  # noqa: F401
 from converters.formats import dit  # noqa: F401
 from converters.formats import dit_newest  # noqa: F401
+from converters.formats import flux2  # noqa: F401
 from converters.formats import flux_extra  # noqa: F401
 from converters.formats import kohya  # noqa: F401
 from converters.formats import kohya_flux  # noqa: F401
