@@ -51,6 +51,9 @@ class LoadReport:
       unmatched: keys no rule of the format understands.
       unplaced: key -> why it has no target in the params tree.
       skipped: key -> component it belongs to, when that component was not given.
+      malformed: key -> why its module was left out (`strict=False`: bad shapes, missing factors, a bad
+        alpha, a fused split that fails); the rest of the file loads.
+      outside_prefix: keys left out because they are not under the `prefix=` asked for.
       metadata: the file's `lora_adapter_metadata`.
     """
 
@@ -63,6 +66,8 @@ class LoadReport:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     metadata: dict = dataclasses.field(default_factory=dict)
     adapter_name: str | None = None
+    malformed: dict[str, str] = dataclasses.field(default_factory=dict)
+    outside_prefix: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def loaded_keys(self) -> list[str]:
@@ -81,7 +86,8 @@ class LoadReport:
             lines.append(
                 f"  {comp}: {n} weights {kinds}, ranks {ranks}, alphas {alphas}, scheme {self.schemes.get(comp)}"
             )
-        for title, keys in (("unmatched", self.unmatched), ("unplaced", list(self.unplaced)), ("skipped", list(self.skipped))):
+        for title, keys in (("unmatched", self.unmatched), ("unplaced", list(self.unplaced)), ("skipped", list(self.skipped)),
+                            ("malformed", list(self.malformed)), ("outside prefix", self.outside_prefix)):
             if keys:
                 lines.append(f"  {title}: {len(keys)} keys, e.g. {keys[:3]}")
         return "\n".join(lines)
@@ -317,14 +323,17 @@ def convert(
         raise UnsupportedFormatError(f"{origin}: holds no tensors.")
     fmt = engine.get_format(format) if format else engine.detect_format(
         tensors.keys(), origin, modules=target_modules(targets, schemes))
-    records, unmatched = engine.build_records(fmt, tensors)
+    malformed: dict[str, str] | None = None if strict else {}
+    records, unmatched = engine.build_records(fmt, tensors, malformed)
     if not records:
-        raise UnsupportedFormatError(f"{origin}: format {fmt.name} recognised but no complete LoRA module found.")
+        why = "".join(f"\n  {k}: {e}" for k, e in list((malformed or {}).items())[:12])
+        raise UnsupportedFormatError(f"{origin}: format {fmt.name} recognised but no complete LoRA module found.{why}")
     metadata = peft.parse_metadata(header, origin)
-    report = LoadReport(origin=origin, format=fmt.name, unmatched=list(unmatched), metadata=metadata)
+    report = LoadReport(origin=origin, format=fmt.name, unmatched=list(unmatched), metadata=metadata,
+                        malformed=malformed if malformed is not None else {})
     records = _assign_components(records, targets, default_component, origin)
     if fmt.split is not None:
-        records = [piece for rec in records for piece in fmt.split(rec)]
+        records = [piece for rec in records for piece in _per_module(strict, report, rec, fmt.split, rec) or []]
 
     if schemes is None or isinstance(schemes, (str, NamingScheme)):
         schemes = {c: schemes for c in targets}
@@ -343,33 +352,34 @@ def convert(
         if module is None:
             report.unplaced.update({k: why for k in rec.keys})
             continue
-        alpha = peft.resolve_alpha(
-            dataclasses.replace(rec, module=module), peft.component_config(metadata, rec.component), origin
-        )
-        placed, why = _place(rec, module, index, scheme, alpha)
+        got = _per_module(strict, report, rec, _alpha_and_place, rec, module, index, scheme, metadata, origin)
+        if got is None:
+            continue
+        placed, why = got
         if not placed:
             report.unplaced.update({k: why for k in rec.keys})
             continue
+        if _per_module(strict, report, rec, _check_duplicates, rec, placed, seen, origin) is None:
+            continue
         for p in placed:
-            slot = (rec.component, p.path, p.layer, tuple(d0 for _, _, d0 in p.cols))
-            if slot in seen:
-                raise InvalidAdapterError(
-                    f"{origin}: {seen[slot]!r} and {', '.join(rec.keys)!r} both target {rec.component}:{'/'.join(p.path)} "
-                    "(duplicate targets after renaming)."
-                )
-            seen[slot] = ", ".join(rec.keys)
+            seen[_slot(rec, p)] = ", ".join(rec.keys)
             placements[rec.component].append(p)
             where = "/".join(p.path) + (f"[{p.layer}]" if p.layer is not None else "")
             if p.cols:
                 where += "[:, " + ", ".join(f"{d0}:{d0 + s1 - s0}" for s0, s1, d0 in p.cols) + "]"
             report.placed.append(PlacedModule(rec.component, module, where, rec.keys, rec.rank, p.alpha, p.leaf))
     for component, items in placements.items():
+        items = [p for p in items if not set(p.record.keys) & set(report.malformed)]  # a fused piece failed
         whole = [p for p in items if not p.is_part]
         parts: dict[Path, list[Placement]] = {}
         for p in items:
             if p.is_part:
                 parts.setdefault(p.path, []).append(p)
-        placements[component] = whole + [merge_parts(ps, targets[component][path][0]) for path, ps in parts.items()]
+        merged = [_per_module(strict, report, ps[0].record, merge_parts, ps, targets[component][path][0],
+                              keys=[k for p in ps for k in p.record.keys]) for path, ps in parts.items()]
+        placements[component] = whole + [m for m in merged if m is not None]
+    if report.malformed:
+        report.placed = [p for p in report.placed if not set(p.keys) & set(report.malformed)]
     if not report.placed and not report.unplaced and report.skipped:
         found = sorted(set(report.skipped.values()))
         raise KeyMismatchError(
@@ -378,6 +388,40 @@ def convert(
         )
     _check_leftovers(report, strict, records, targets)
     return placements, report
+
+
+_MODULE_ERRORS = engine.MODULE_ERRORS + (UnsupportedFormatError,)
+
+
+def _per_module(strict: bool, report: LoadReport, rec: Record, fn, *args, keys=None):
+    """`fn(*args)`; with `strict=False`, None when it fails on this one module, whose keys (or `keys`) are
+    then listed in `report.malformed` with the error's message."""
+    try:
+        return fn(*args)
+    except _MODULE_ERRORS as e:
+        if strict:
+            raise
+        report.malformed.update({k: str(e) for k in (keys or rec.keys)})
+        return None
+
+
+def _alpha_and_place(rec: Record, module: str, index: ShapeIndex, scheme: NamingScheme, metadata, origin):
+    alpha = peft.resolve_alpha(dataclasses.replace(rec, module=module), peft.component_config(metadata, rec.component), origin)
+    return _place(rec, module, index, scheme, alpha)
+
+
+def _slot(rec: Record, p: Placement) -> tuple:
+    return (rec.component, p.path, p.layer, tuple(d0 for _, _, d0 in p.cols))
+
+
+def _check_duplicates(rec: Record, placed: list[Placement], seen: Mapping[tuple, str], origin: str) -> bool:
+    for p in placed:
+        if _slot(rec, p) in seen:
+            raise InvalidAdapterError(
+                f"{origin}: {seen[_slot(rec, p)]!r} and {', '.join(rec.keys)!r} both target {rec.component}:{'/'.join(p.path)} "
+                "(duplicate targets after renaming)."
+            )
+    return True
 
 
 def _looks_like(records: list[Record], targets: Mapping[str, ShapeIndex], report: LoadReport) -> str:
@@ -390,6 +434,7 @@ def _looks_like(records: list[Record], targets: Mapping[str, ShapeIndex], report
 def _check_leftovers(report: LoadReport, strict: bool, records=(), targets=None) -> None:
     problems = [f"{k} (no rule of format {report.format} reads it)" for k in report.unmatched]
     problems += [f"{k} ({why})" for k, why in report.unplaced.items()]
+    problems += [f"{k} (malformed: {why})" for k, why in report.malformed.items()]
     if not problems:
         return
     listing = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")

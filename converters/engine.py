@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from converters.errors import InvalidAdapterError, UnsupportedFormatError
+from converters.errors import InvalidAdapterError, ShapeMismatchError, UnsupportedFormatError
 from converters.records import ROLE_KINDS, Record
 
 
@@ -293,20 +293,37 @@ def _check_lokr(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.n
 _CHECKS = {"lora": _check_lora, "loha": _check_loha, "lokr": _check_lokr}
 
 
-def build_records(fmt: Format, tensors: Mapping[str, np.ndarray]) -> tuple[list[Record], list[str]]:
-    """Run `fmt`'s rules over `tensors`; return the records and the keys no rule matched."""
+MODULE_ERRORS = (InvalidAdapterError, ShapeMismatchError)
+"""Errors that concern one module of a file (with `strict=False` that module is reported, the rest loads)."""
+
+
+def build_records(
+    fmt: Format, tensors: Mapping[str, np.ndarray], malformed: dict[str, str] | None = None
+) -> tuple[list[Record], list[str]]:
+    """Run `fmt`'s rules over `tensors`; return the records and the keys no rule matched.
+
+    `malformed`: when given, a module whose tensors fail the checks (missing up/down, ranks that do not
+    chain, bad dtypes, a bad alpha) is left out and each of its keys is mapped to the error's message;
+    otherwise that error is raised.
+    """
     groups, unmatched = match_keys(fmt, tensors.keys())
     records = []
     for (component, module), roles in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         where = f"{component}.{module}" if component else module
-        kind = _kind(where, roles)
-        if kind == "alpha":
-            unmatched.append(roles["alpha"])
+        try:
+            kind = _kind(where, roles)
+            if kind == "alpha":
+                unmatched.append(roles["alpha"])
+                continue
+            _check_floats(roles, tensors)
+            if kind in _CHECKS:
+                _CHECKS[kind](where, roles, tensors)
+            alpha = _alpha_value(roles["alpha"], tensors[roles["alpha"]]) if "alpha" in roles else None
+        except MODULE_ERRORS as e:
+            if malformed is None:
+                raise
+            malformed.update({k: str(e) for k in roles.values()})
             continue
-        _check_floats(roles, tensors)
-        if kind in _CHECKS:
-            _CHECKS[kind](where, roles, tensors)
-        alpha = _alpha_value(roles["alpha"], tensors[roles["alpha"]]) if "alpha" in roles else None
         records.append(
             Record(
                 component=component,

@@ -10,7 +10,7 @@ import numpy as np
 from converters import convert as _convert
 from converters import get_family, read_state_dict
 from converters.formats.peft import parse_metadata
-from jlora.errors import JloraError
+from jlora.errors import JloraError, KeyMismatchError
 from jlora.leaf import DiffLeaf, DoraLeaf, LohaLeaf, LokrLeaf, LoraLeaf, SetLeaf
 
 PyTree = Any
@@ -79,18 +79,68 @@ def _split_file_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
-def lora_state_dict(source, *, return_lora_metadata: bool = False, **file_kwargs):
+def select_prefix(tensors: Mapping[str, Any], metadata: Mapping, prefix: str, rename: str = "",
+                  origin: str = "<state dict>") -> tuple[dict, dict, list[str]]:
+    """The keys (and `lora_adapter_metadata` fields) under `prefix.`, with that prefix replaced by `rename`;
+    also the keys left out. The inputs are not modified.
+
+    Raises:
+      KeyMismatchError: no key starts with `prefix.`.
+
+    >>> select_prefix({"my_model.unet.a.lora_A.weight": w}, {}, "my_model.unet")[0]
+    {'a.lora_A.weight': w}
+    """
+    head = prefix[:-1] if prefix.endswith(".") else prefix
+    head += "."
+    kept = {rename + k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+    if not kept:
+        tops = sorted({k.split(".", 1)[0] for k in tensors})[:8]
+        raise KeyMismatchError(
+            f"{origin}: no key starts with prefix {head!r} (keys start with {tops}); pass the prefix the file "
+            "uses, or prefix=None to take the keys as they are."
+        )
+    fields = {rename + k[len(head):]: v for k, v in metadata.items() if k.startswith(head)}
+    return kept, fields, sorted(k for k in tensors if not k.startswith(head))
+
+
+def _apply_prefixes(tensors, header, prefixes: Mapping[str, str], origin):
+    """`tensors` and header with each `prefixes` entry (new start -> prefix) applied; and the keys left out.
+
+    The empty start `""` (one component) keeps only the keys under its prefix; a component name renames the
+    keys under its prefix to `<component>.` and keeps the other keys as they are.
+    """
+    metadata = parse_metadata(header, origin)
+    if list(prefixes) == [""]:
+        tensors, metadata, left = select_prefix(tensors, metadata, prefixes[""], "", origin)
+    else:
+        out, meta, taken = {}, {}, set()
+        for component, prefix in prefixes.items():
+            kept, fields, left = select_prefix(tensors, metadata, prefix, f"{component}.", origin)
+            out.update(kept)
+            meta.update(fields)
+            taken |= set(tensors) - set(left)
+        out.update({k: v for k, v in tensors.items() if k not in taken})
+        meta.update({k: v for k, v in metadata.items() if not any(k.startswith(p.rstrip(".") + ".") for p in prefixes.values())})
+        tensors, metadata, left = out, meta, []
+    return tensors, {**header, "lora_adapter_metadata": metadata}, left
+
+
+def lora_state_dict(source, *, return_lora_metadata: bool = False, prefix: str | None = None, **file_kwargs):
     """Read a LoRA file (path, directory, Hub repo id or HF cache) as `{key: np.ndarray}`.
 
     Args:
       source: a `.safetensors` path, a directory holding one, a Hub repo id, or a dict.
       return_lora_metadata: also return the header's `lora_adapter_metadata` dict.
+      prefix: keep only the keys (and metadata fields) under `prefix.`, without it (as diffusers'
+        `load_lora_adapter(prefix=...)` does); None: all keys as they are.
       **file_kwargs: `weight_name`, `subfolder`, `allow_pickle`, `local_files_only`,
         `cache_dir`, `revision`, `token` (as in diffusers).
 
     >>> sd = jlora.lora_state_dict("pytorch_lora_weights.safetensors")
     """
     tensors, header, origin = read_state_dict(source, **_split_file_kwargs(file_kwargs))
+    if prefix is not None:
+        tensors, header, _ = _apply_prefixes(tensors, header, {"": prefix}, origin)
     if return_lora_metadata:
         return tensors, parse_metadata(header, origin)
     return tensors
@@ -147,15 +197,20 @@ def max_target_elements(indexes) -> int:
     return max(SIZE_SLACK * max(sizes, default=0), SIZE_FLOOR)
 
 
-def _load(source, targets: Mapping[str, PyTree], *, default_component, format, schemes, strict, dtype, metadata, file_kwargs):
+def _load(source, targets: Mapping[str, PyTree], *, default_component, format, schemes, strict, dtype, metadata, file_kwargs,
+          prefixes=None):
     indexes = {c: shape_index(p) for c, p in targets.items()}
     tensors, header, origin = read_state_dict(source, max_elements=max_target_elements(indexes),
                                               **_split_file_kwargs(file_kwargs))
     if metadata is not None:
         header = {**header, "lora_adapter_metadata": metadata}
+    left = []
+    if prefixes:
+        tensors, header, left = _apply_prefixes(tensors, header, prefixes, origin)
     placements, report = _convert(
         tensors, header, indexes, default_component=default_component, format=format, schemes=schemes, strict=strict, origin=origin
     )
+    report.outside_prefix = left
     adapters = {c: _build_adapter(targets[c], placements[c], dtype) for c in targets}
     return adapters, report
 
@@ -172,6 +227,7 @@ def load_lora(
     metadata: Mapping | None = None,
     adapter_name: str | None = None,
     return_report: bool = False,
+    prefix: str | None = None,
     **file_kwargs,
 ):
     """Load the LoRA for one component into an adapter tree shaped like `params`.
@@ -190,8 +246,13 @@ def load_lora(
       metadata: `lora_adapter_metadata` to use for a state dict without a header.
       adapter_name: name recorded in the report.
       return_report: also return the `LoadReport`.
+      prefix: as in diffusers' `load_lora_adapter`: only the keys under `prefix.` (e.g. `"transformer"`,
+        `"my_model.unet"`) are this component's, read without it; the others are left out and listed in
+        the report's `outside_prefix`. None (default): the keys as they are (the component prefixes a
+        format knows, `unet.`, `lora_unet_` ..., are still recognised; keys without one are this component's).
 
     >>> adapter = jlora.load_lora("lora.safetensors", unet_params, "unet")
+    >>> adapter = jlora.load_lora("lora.safetensors", params, "transformer", prefix="my_model.transformer")
     """
     name = component or "default"
     adapters, report = _load(
@@ -204,6 +265,7 @@ def load_lora(
         dtype=dtype,
         metadata=metadata,
         file_kwargs=file_kwargs,
+        prefixes=None if prefix is None else {"": prefix},
     )
     report.adapter_name = adapter_name
     return (adapters[name], report) if return_report else adapters[name]
@@ -222,6 +284,7 @@ def load_lora_weights(
     adapter_name: str | None = None,
     return_report: bool = False,
     load_into_transformer_2: bool = False,
+    prefix: Mapping[str, str] | None = None,
     **file_kwargs,
 ):
     """Load a pipeline LoRA file into adapters for several components.
@@ -240,6 +303,8 @@ def load_lora_weights(
       load_into_transformer_2: load the file's transformer LoRA into `params["transformer_2"]` (Wan 2.2's
         second expert) instead, as diffusers' `load_lora_weights(..., load_into_transformer_2=True)`;
         the other components get `None` and the report names the file's component, `transformer`.
+      prefix: component -> the prefix its keys have in the file (`{"unet": "my_model.unet"}`); keys under
+        it are read as that component's, other keys as they are.
       **file_kwargs: `weight_name`, `subfolder`, `allow_pickle`, `local_files_only`,
         `cache_dir`, `revision`, `token`.
 
@@ -271,12 +336,25 @@ def load_lora_weights(
         dtype=dtype,
         metadata=metadata,
         file_kwargs=file_kwargs,
+        prefixes=_component_prefixes(prefix, targets),
     )
     report.adapter_name = adapter_name
     if load_into_transformer_2:
         adapters = {"transformer_2": adapters["transformer"]}
     adapters = {c: adapters.get(c) for c in params}  # vae, scheduler, ...: passed through as None
     return (adapters, report) if return_report else adapters
+
+
+def _component_prefixes(prefix, targets) -> dict | None:
+    if prefix is None:
+        return None
+    if not isinstance(prefix, Mapping) or not all(isinstance(v, str) and v for v in prefix.values()):
+        raise JloraError(f"load_lora_weights: prefix must map components to key prefixes, e.g. "
+                         f"{{'unet': 'my_model.unet'}}, got {prefix!r}.")
+    extra = set(prefix) - set(targets)
+    if extra:
+        raise JloraError(f"load_lora_weights: prefix names components {sorted(extra)} that are not among {sorted(targets)}.")
+    return dict(prefix)
 
 
 def _as_transformer(targets: Mapping[str, PyTree]) -> dict:

@@ -44,6 +44,10 @@ MODELS = {
         num_attention_heads=2, attention_head_dim=8, hidden_size=16, num_layers=1, num_refiner_layers=1, ffn_dim=32,
         in_channels=4, audio_in_channels=8, text_dim=16, freq_dim=16, time_embed_hidden_dim=16, time_embed_dim=8,
         rope_freq_dim=2)),
+    "minimax_h3_128": ("MiniMaxH3Transformer3DModel", dict(  # 128-wide heads, as DiffSynth's qkv order assumes
+        num_attention_heads=2, attention_head_dim=128, hidden_size=16, num_layers=1, num_refiner_layers=1, ffn_dim=32,
+        in_channels=4, audio_in_channels=8, text_dim=16, freq_dim=16, time_embed_hidden_dim=16, time_embed_dim=8,
+        rope_freq_dim=2)),
     "cosmos": ("CosmosTransformer3DModel", dict(
         in_channels=4, out_channels=4, num_attention_heads=1, attention_head_dim=16, num_layers=1, text_embed_dim=16,
         adaln_lora_dim=8, max_size=(4, 8, 8), patch_size=(1, 2, 2))),
@@ -186,6 +190,13 @@ CASES = {
     "minimax_h3_peft": _peft("minimax_h3", "MiniMaxH3LoraLoaderMixin", "minimax_h3", (
         "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.ff.net.0.proj",
         "token_refiner.refiner_blocks.0.attn.to_k", "transformer_blocks.0.adaln_proj.linear", "proj_out")),
+    # a peft dump: diffusers names with PEFT's adapter name and no component prefix (no metadata: alpha = rank)
+    "minimax_h3_peft_dump": Case("minimax_h3", "MiniMaxH3LoraLoaderMixin", "peft", "minimax_h3", tuple(E(m, m) for m in (
+        "transformer_blocks.0.attn.to_v", "transformer_blocks.0.ff.net.2", "token_refiner.refiner_blocks.0.attn.to_out.0",
+        "audio_proj_out")), prefix="", down="lora_A.default.weight", up="lora_B.default.weight"),
+    "diffsynth_minimax_h3": Case("minimax_h3_128", "MiniMaxH3LoraLoaderMixin", "diffsynth_minimax_h3", "minimax_h3",
+                                 MINIMAX_H3[:5] + MINIMAX_H3[-2:], prefix="", down="lora_A.default.weight",
+                                 up="lora_B.default.weight"),
     "anima": Case("cosmos", "AnimaLoraLoaderMixin", "anima", "anima", ANIMA),
     "anima_adapter": Case("anima_text", "AnimaLoraLoaderMixin", "anima", "anima", ANIMA_ADAPTER,
                           component="text_conditioner"),
@@ -302,7 +313,7 @@ def test_anima_file_loads_transformer_and_text_conditioner_together(results, tmp
                        adapter_want, adapter_base)
 
 
-NEWEST = ("flux3", "krea2", "ideogram4", "minimax_h3", "musubi_minimax_h3", "anima", "ace_step")
+NEWEST = ("flux3", "krea2", "ideogram4", "minimax_h3", "musubi_minimax_h3", "diffsynth_minimax_h3", "anima", "ace_step")
 OTHER_FILES = {
     "wan": ["diffusion_model.blocks.0.self_attn.q.lora_down.weight", "diffusion_model.blocks.0.ffn.0.lora_up.weight"],
     "lumina2": ["diffusion_model.layers.0.attention.qkv.lora_A.weight", "diffusion_model.layers.0.attention.out.lora_B.weight",
@@ -334,3 +345,13 @@ def test_ideogram4_fused_qkv_that_does_not_split_names_the_key():
     with pytest.raises(jlora.errors.InvalidAdapterError, match="47 output rows.*attention.qkv"):
         jlora.load_lora_weights(tensors, {"transformer": tree}, family="ideogram4")
     assert all(np.array_equal(before[k], tensors[k]) for k in tensors)
+
+
+def test_diffsynth_qkv_rows_that_are_not_whole_heads_name_the_key():
+    rng = np.random.default_rng(2)
+    tensors = {"blocks.0.attn.qkv_proj.lora_A.default.weight": rng.standard_normal((RANK, 16)).astype(np.float32),
+               "blocks.0.attn.qkv_proj.lora_B.default.weight": rng.standard_normal((48, RANK)).astype(np.float32)}
+    tree = {"transformer_blocks": {"0": {"attn": {p: {"kernel": np.zeros((16, 16), np.float32)}
+                                                  for p in ("to_q", "to_k", "to_v")}}}}
+    with pytest.raises(jlora.errors.InvalidAdapterError, match=r"qkv_proj\.lora_B\.default\.weight: 48 output rows"):
+        jlora.load_lora_weights(tensors, {"transformer": tree}, family="minimax_h3")

@@ -11,6 +11,10 @@
   `mlp.fc1` (SwiGLU `[gate; value]`, diffusers keeps `[value; gate]`: the two output halves swap),
   `token_refiner.blocks.0`, `final_layer.video_out`, `video_patch_proj`.
 * `musubi_minimax_h3`: musubi-tuner's MiniMax-H3 files, `lora_unet_blocks_0_attn_qkv_proj.lora_down.weight` + `.alpha`.
+* `diffsynth_minimax_h3`: DiffSynth-Studio's MiniMax-H3 files, the original names with PEFT's adapter name
+  (`blocks.0.attn.qkv_proj.lora_A.default.weight`), whose fused qkv keeps the checkpoint's per-head order
+  `[head 0: q k v, head 1: q k v, ...]`: its up rows are regrouped to `[q; k; v]` (heads 128 wide, as in every
+  released MiniMax-H3 partition) before the equal split.
 * `anima`: Anima (the Cosmos Predict2 DiT and its LLM adapter) under `diffusion_model.`: `blocks.0.self_attn.q_proj`,
   `adaln_modulation_mlp.1`, `mlp.layer1`; `diffusion_model.llm_adapter.*` is the `text_conditioner` in its
   diffusers names.
@@ -24,10 +28,14 @@ so a file has one format. Plain diffusers/PEFT files of these families (`transfo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable
 
+import numpy as np
+
 from converters.engine import Format, Rule, register_format
+from converters.errors import InvalidAdapterError
 from converters.formats import kohya
 from converters.formats.dit import ROLES, M, _role_pattern, _underscored, map_rules, splitter
 from converters.records import Record
@@ -147,6 +155,7 @@ MUSUBI_MINIMAX_H3_KEY = re.compile(
     r"final_layer_(?:adaln_proj_linear|video_out|audio_out)|(?:video|audio)_patch_proj|condition_proj|"
     r"time_embedder_proj_(?:in|out))\."
 )
+DIFFSYNTH_MINIMAX_H3_KEY = re.compile(MINIMAX_H3_KEY.pattern[:-2] + r"\.lora_[AB]\.default\.weight")
 ANIMA_KEY = re.compile(
     r"diffusion_model\.(?:blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|output_proj)|"
     r"adaln_modulation_(?:self_attn|cross_attn|mlp)\.[12]|mlp\.layer[12])|final_layer\.adaln_modulation\.[12]|"
@@ -201,6 +210,38 @@ MINIMAX_H3 = _mapped("minimax_h3", MINIMAX_H3_MAPS, r"(?:(?P<component>diffusion
 MUSUBI_MINIMAX_H3 = _mapped("musubi_minimax_h3", _underscored(MINIMAX_H3_MAPS), r"(?P<component>lora_unet)_",
                             {"lora_unet": "transformer"}, kohya.ROLES, _detector(MUSUBI_MINIMAX_H3_KEY),
                             ("kohya", "kohya_dit"), "musubi-tuner MiniMax-H3 (lora_unet_blocks_0_attn_qkv_proj)")
+H3_HEAD_DIM = 128
+_H3_QKV = re.compile(r"(?:token_refiner\.)?blocks\.\d+\.attn\.qkv_proj")
+_H3_SPLIT = splitter(MINIMAX_H3_MAPS)
+
+
+def _diffsynth_h3_split(rec: Record) -> list[Record]:
+    """Per-head interleaved qkv rows -> `[q; k; v]`, then the MiniMax-H3 maps."""
+    if _H3_QKV.fullmatch(rec.module) and "up" in rec.tensors:
+        rows = rec.tensors["up"].shape[0]
+        if rows % (3 * H3_HEAD_DIM):
+            raise InvalidAdapterError(
+                f"{rec.sources['up']}: {rows} output rows are not a multiple of 3 x {H3_HEAD_DIM}; a DiffSynth "
+                f"MiniMax-H3 qkv is per-head interleaved with {H3_HEAD_DIM}-wide heads. Pass format='minimax_h3' "
+                "if its rows are already [q; k; v]."
+            )
+        order = np.arange(rows).reshape(-1, 3, H3_HEAD_DIM).transpose(1, 0, 2).reshape(-1)
+        rec = dataclasses.replace(rec, tensors={r: (t[order] if r in ("up", "up_bias") else t)
+                                                for r, t in rec.tensors.items()})
+    return _H3_SPLIT(rec)
+
+
+DIFFSYNTH_MINIMAX_H3 = register_format(Format(
+    name="diffsynth_minimax_h3",
+    supersedes=("peft", "minimax_h3"),
+    rules=map_rules(r"(?:(?P<component>diffusion_model)\.)?", MINIMAX_H3_MAPS,
+                    {"lora_A.default.weight": "down", "lora_B.default.weight": "up"}),
+    detect=_detector(DIFFSYNTH_MINIMAX_H3_KEY),
+    components=_TRANSFORMER,
+    roles={"lora_A.default.weight": "down", "lora_B.default.weight": "up"},
+    split=_diffsynth_h3_split,
+    description="DiffSynth-Studio MiniMax-H3 (blocks.0.attn.qkv_proj.lora_A.default.weight, per-head interleaved qkv)",
+))
 ANIMA = register_format(Format(
     name="anima",
     supersedes=("peft", "prefixed_diffusers", "wan"),
@@ -217,4 +258,5 @@ ACE_STEP = _renamed("ace_step", ACE_STEP_MAPS, r"(?:(?P<component>base_model\.mo
                     _detector(ACE_STEP_KEY), ("peft",),
                     "ACE-Step 1.5 original attention names (base_model.model.layers.0.self_attn.q_proj)")
 
-NEWEST_DIT_FORMATS = tuple(f.name for f in (FLUX3, KREA2, IDEOGRAM4, MINIMAX_H3, MUSUBI_MINIMAX_H3, ANIMA, ACE_STEP))
+NEWEST_DIT_FORMATS = tuple(f.name for f in (FLUX3, KREA2, IDEOGRAM4, MINIMAX_H3, MUSUBI_MINIMAX_H3, DIFFSYNTH_MINIMAX_H3,
+                                            ANIMA, ACE_STEP))
