@@ -18,6 +18,7 @@ import numpy as np
 import converters.formats  # noqa: F401  (registers the formats)
 import converters.schemes  # noqa: F401  (registers the table naming schemes)
 import converters.schemes_jax  # noqa: F401  (third-party JAX codebases' schemes)
+import converters.schemes_maxdiffusion_dit  # noqa: F401  (maxdiffusion's Z-Image and LTX-2)
 from converters import engine, layout
 from converters.formats import peft
 from converters.guess import guess_family

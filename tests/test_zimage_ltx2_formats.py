@@ -411,3 +411,72 @@ def test_wan22_transformer_2_against_diffusers(tmp_path):
     assert changed == {kernel(m) for m in WAN_SOURCES.values()}
     with pytest.raises(jlora.JloraError, match="transformer_2"):
         jlora.load_lora_weights(str(path), {"transformer": trees["transformer"]}, family="wan", load_into_transformer_2=True)
+
+
+# ---- maxdiffusion's nnx trees (stacked layers) ----------------------------------------------------
+
+
+def scheme_tree(state_dict, scheme: str) -> dict[tuple[str, ...], np.ndarray]:
+    """A torch state dict placed by a naming scheme: kernels (in, out), norm `scale`s, biases; a stacked
+    target's layers stacked on a leading axis. Weights the scheme has no place for are left out."""
+    from converters.naming import get_scheme
+
+    s, flat, layers = get_scheme(scheme), {}, {}
+    for name, a in state_dict.items():
+        if "." not in name:  # a bare parameter (scale_shift_table)
+            continue
+        module, leaf = name.rsplit(".", 1)
+        target = s.target(module)
+        if target is None or leaf not in ("weight", "bias"):
+            continue
+        a = np.array(a, np.float32)
+        if leaf == "weight":
+            leaf, a = ("scale", a) if a.ndim == 1 else ("kernel", a.T)
+        path = target.path + (leaf,)
+        if target.layer is None:
+            assert path not in flat, path
+            flat[path] = a
+        else:
+            layers.setdefault(path, {})[target.layer] = a
+    for path, by_layer in layers.items():
+        assert sorted(by_layer) == list(range(len(by_layer))), path
+        flat[path] = np.stack([by_layer[i] for i in range(len(by_layer))])
+    return flat
+
+
+MAXDIFFUSION_CASES = {  # file -> {component: (scheme, scheme_layers)}
+    "z_dm_kohya": {"transformer": ("maxdiffusion_z_image", "maxdiffusion_z_image_layers")},
+    "z_dotted_qkv": {"transformer": ("maxdiffusion_z_image", "maxdiffusion_z_image_layers")},
+    "ltx2_original": {"transformer": ("maxdiffusion_ltx2", "maxdiffusion_ltx2_layers"),
+                      "connectors": ("maxdiffusion_ltx2_connectors", "maxdiffusion_ltx2_connectors")},
+}
+
+
+@pytest.mark.parametrize("scanned", [True, False], ids=["scan_layers", "layer_list"])
+@pytest.mark.parametrize("name", sorted(MAXDIFFUSION_CASES))
+def test_maxdiffusion_trees_against_diffusers(ref, name, scanned):
+    """The same files onto maxdiffusion's Z-Image / LTX-2 trees (blocks stacked under `scan_layers=True`, or one
+    subtree per block): jlora's fused weights equal diffusers 0.42.1's, placed by the scheme, weight by weight."""
+    schemes = {c: s[0] if scanned else s[1] for c, s in MAXDIFFUSION_CASES[name].items()}
+    bases, wants = {}, {}
+    for component, scheme in schemes.items():
+        base, fused, _ = ref["results"][(name, component)]
+        bases[component], wants[component] = scheme_tree(base, scheme), scheme_tree(fused, scheme)
+    family = "z_image" if name.startswith("z_") else "ltx2"
+    got, report = _jlora(ref["files"][name], bases, family)
+    assert report.schemes == schemes
+    assert not report.unmatched and not report.unplaced and not report.skipped, report.summary()
+    for component in schemes:
+        torch_base, torch_want, _ = _fused_pair(ref, name, component)
+        changed = assert_fused_equal(got[component], wants[component], bases[component])
+        moved = {p for p in torch_want if not np.array_equal(torch_want[p], torch_base[p])}
+        assert len(changed) == len({scheme_target(schemes[component], p) for p in moved}) >= 3
+        if scanned and component == "transformer":
+            assert any(bases[component][p].ndim == 3 for p in changed)  # a stacked (L, in, out) kernel moved
+
+
+def scheme_target(scheme: str, torch_path: tuple[str, ...]) -> tuple:
+    from converters.naming import get_scheme
+
+    target = get_scheme(scheme).target(".".join(torch_path[:-1]))
+    return target.path + (torch_path[-1],)
