@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 import jlora
 from converters import architectures, engine
 from converters.convert import target_modules
+from converters.errors import InvalidAdapterError
 from jlora.inspection import inspect_file
 from jlora.leaf import LokrLeaf
 from tests import newest
@@ -228,14 +229,12 @@ def diffusers_tree(fused: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
+    """Every file written here (widths from `architectures.flux2_index`, itself checked against the model), then one
+    reference subprocess: the seeded model's weights, the PEFT file, and diffusers' fused weights for each file."""
     newest.require()
     tmp = tmp_path_factory.mktemp("flux2")
-    arrays, _ = newest.call("batch", cases=[
-        {"op": "state_dict", "model": MODEL, "config": CONFIG, "seed": 0},
-        {"op": "peft_file", "model": MODEL, "config": CONFIG, "seed": 0, "r": RANK, "alpha": 6,
-         "targets": PEFT_TARGETS, "mixin": MIXIN, "path": str(tmp / "peft.safetensors")},
-    ])
-    sd = {k[2:]: v for k, v in arrays.items() if k.startswith("0/")}
+    index = architectures.flux2_index(CONFIG)
+    sd = {".".join(p[:-1]) + ".weight": np.zeros(s[::-1], np.float32) for p, (s, _) in index.items()}  # shapes only
     rng = np.random.default_rng(0)
     factors = lora_tensors(sd, ALL, rng)
     files = {"peft": str(tmp / "peft.safetensors")}
@@ -243,19 +242,35 @@ def ref(tmp_path_factory):
     files["base_model"] = bfl_file(tmp / "base_model.safetensors", factors, "base_model.model.")
     files["plain"] = bfl_file(tmp / "plain.safetensors", {k: factors[k] for k in BFL}, "diffusion_model.")
     files["kohya"] = kohya_file(tmp / "kohya.safetensors", factors, alpha=2.0)
+    dotted = {k.replace("lora_unet_", "diffusion_model.", 1): v for k, v in jlora.lora_state_dict(files["kohya"]).items()}
+    for src in ALL:  # the underscored names back to BFL's dots
+        flat = "diffusion_model." + src.replace(".", "_")
+        dotted = {(f"diffusion_model.{src}" + k[len(flat):] if k.startswith(flat + ".") else k): v
+                  for k, v in dotted.items()}
     files["lokr_bfl"] = lokr_file(tmp / "lokr_bfl.safetensors", sd, {k: ALL[k] for k in LOKR_BFL},
                                   lambda s: f"diffusion_model.{s}", rng)
     files["lokr_lycoris"] = lokr_file(tmp / "lokr_lycoris.safetensors", sd, {m: (m,) for m in LOKR_LYCORIS},
                                       lambda m: "lycoris_" + m.replace(".", "_"), rng)
-    # jlora's LoKr adapters (read from the LyCORIS file) saved by jlora, for diffusers to read back.
-    base = mirror(sd)
-    _, _, lokr_adapter = jlora_fused(files["lokr_lycoris"], base)
+    # jlora's LoKr adapters (read from the LyCORIS file onto the model's shapes) saved by jlora, for diffusers.
+    lokr_adapter = jlora.load_lora(files["lokr_lycoris"], jlora.abstract_params(index), "transformer")
     files["lokr_saved"] = jlora.save_lora_weights(tmp / "saved", {"transformer": lokr_adapter})
-    names = list(files)
-    results = newest.fused_many([dict(model=MODEL, config=CONFIG, lora=files[n], mixin=MIXIN, scale=SCALE)
-                                 for n in names])
-    return {"sd": sd, "base": base, "files": files, "factors": factors,
-            **{n: (diffusers_tree(fused), info) for n, (_, fused, info) in zip(names, results)}}
+    dotted_path = write(tmp / "dotted_kohya.safetensors", dotted)
+    names = [n for n in files if n != "peft"]
+    files["dotted_kohya"] = dotted_path  # no diffusers case: its reference is the kohya file's
+    common = dict(op="fused", model=MODEL, config=CONFIG, mixin=MIXIN, seed=0, scale=SCALE, component="transformer",
+                  dtype="float32")
+    arrays, info = newest.call("batch", cases=[
+        {"op": "state_dict", "model": MODEL, "config": CONFIG, "seed": 0},
+        {"op": "peft_file", "model": MODEL, "config": CONFIG, "seed": 0, "r": RANK, "alpha": 6,
+         "targets": PEFT_TARGETS, "mixin": MIXIN, "path": files["peft"]},
+        *({**common, "lora": files[n]} for n in ["peft"] + names),
+    ])
+    out = {"sd": {k[2:]: v for k, v in arrays.items() if k.startswith("0/")}, "files": files, "factors": factors}
+    out["base"] = mirror(out["sd"])
+    for i, n in enumerate(["peft"] + names, start=2):
+        fused = {k[len(f"{i}/fused/"):]: v for k, v in arrays.items() if k.startswith(f"{i}/fused/")}
+        out[n] = (diffusers_tree(fused), info["cases"][i])
+    return out
 
 
 def expected(table) -> set:
@@ -303,25 +318,31 @@ def test_bfl_names_without_flux2_markers(ref):
     assert_complete(report, keys, "flux2")
 
 
-def test_kohya(ref):
-    """kohya `lora_unet_double_blocks_0_img_attn_qkv` + `.alpha` 2 (rank 4): diffusers' fused weights where its kohya
-    converter reads the module; the guidance embedder and the modulations it drops by the format's math,
-    `alpha / r * up @ down` (final modulation rows swapped)."""
-    want, _ = ref["kohya"]
-    base = ref["base"]
+def kohya_want(ref) -> dict:
+    """The reference for the kohya factors at alpha 2: diffusers' fused weights where its kohya converter reads the
+    module, and `alpha / r * up @ down` (final modulation rows swapped) for the ones it drops."""
+    want, base = dict(ref["kohya"][0]), ref["base"]
     dropped = {kernel(m) for mods in {**SHARED, **FINAL}.values() for m in mods}
-    assert all(np.array_equal(want[p], base[p]) for p in dropped)  # diffusers left them alone
-    want = dict(want)
+    assert all(np.array_equal(want[p], base[p]) for p in dropped)  # diffusers 0.42.1 left them alone
     for src, modules in {**SHARED, **FINAL}.items():
         down, up = ref["factors"][src]
         delta = 2.0 / RANK * (up.astype(np.float64) @ down.astype(np.float64))
         if src in FINAL:
             delta = swap_rows(delta)
         want[kernel(modules[0])] = (base[kernel(modules[0])] + SCALE * delta.T).astype(np.float32)
-    got, report, _ = jlora_fused(ref["files"]["kohya"], base)
-    changed, _ = assert_fused_equal(got, want, base)
+    return want
+
+
+@pytest.mark.parametrize("name,fmt", [("kohya", "kohya_flux2"), ("dotted_kohya", "flux2")])
+def test_kohya_factors(ref, name, fmt):
+    """kohya `lora_unet_double_blocks_0_img_attn_qkv` + `.alpha` 2 (rank 4), and the same factors as
+    `diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight` + `.alpha` (which diffusers 0.42.1 sends to its
+    kohya converter and drops whole): both against `kohya_want`."""
+    base = ref["base"]
+    got, report, _ = jlora_fused(ref["files"][name], base)
+    changed, _ = assert_fused_equal(got, kohya_want(ref), base)
     assert changed == expected(ALL)
-    assert_complete(report, jlora.lora_state_dict(ref["files"]["kohya"]), "kohya_flux2")
+    assert_complete(report, jlora.lora_state_dict(ref["files"][name]), fmt)
 
 
 # ---- LoKr -------------------------------------------------------------------------------------
@@ -376,7 +397,8 @@ def jax_leaves(adapter):
 
 
 def test_flux2_index_matches_the_model(ref):
-    """`architectures.flux2_index` of the tiny config has exactly the tiny diffusers model's weights and shapes."""
+    """`architectures.flux2_index` of the tiny config has exactly the tiny diffusers model's weights and shapes
+    (the files above take their widths from it)."""
     index = architectures.flux2_index(CONFIG)
     assert {p: s for p, (s, _) in index.items()} == {p: a.shape for p, a in ref["base"].items()}
 
@@ -421,3 +443,21 @@ def test_inspect_flux2_files(tmp_path):
     assert index[kernel("single_transformer_blocks.47.attn.to_qkv_mlp_proj")][0] == (6144, 55296)
     assert index[kernel("double_stream_modulation_img.linear")][0] == (6144, 36864)
     assert index[kernel("context_embedder")][0] == (15360, 6144)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def test_tucker_lokr_on_a_split_qkv_is_a_typed_error(tmp_path):
+    """A LoKr with a Tucker core on the fused `qkv` cannot be cut into q, k, v: the error names the key."""
+    path = write(tmp_path / "tucker.safetensors", {
+        "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1": np.ones((4, 4)),
+        "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2_a": np.ones((2, 24)),
+        "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2_b": np.ones((2, 8)),
+        "diffusion_model.double_blocks.0.img_attn.qkv.lokr_t2": np.ones((2, 2, 1, 1)),
+        "diffusion_model.single_stream_modulation.lin.lora_A.weight": np.ones((1, 32)),
+        "diffusion_model.single_stream_modulation.lin.lora_B.weight": np.ones((96, 1)),
+    })
+    params = jlora.abstract_params(architectures.flux2_index(CONFIG))
+    with pytest.raises(InvalidAdapterError, match=r"img_attn\.qkv.*cannot be split"):
+        jlora.load_lora(path, params, "transformer")
