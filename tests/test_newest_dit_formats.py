@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 import jlora
 import newest
 from converters import engine
+from converters.guess import guess_family
 from test_dit_formats import assert_detected, assert_fused_equal, assert_report_complete, flatten, nested
 
 SCALE = 0.7
@@ -355,3 +356,17 @@ def test_diffsynth_qkv_rows_that_are_not_whole_heads_name_the_key():
                                                   for p in ("to_q", "to_k", "to_v")}}}}
     with pytest.raises(jlora.errors.InvalidAdapterError, match=r"qkv_proj\.lora_B\.default\.weight: 48 output rows"):
         jlora.load_lora_weights(tensors, {"transformer": tree}, family="minimax_h3")
+
+
+GUESSED = {"anima_adapter": "anima", "cosmos_peft": "cosmos", "anima_adapter_peft": "anima"}
+
+
+# Files of names another family shares (Ideogram 4's qkv and feed-forward are Lumina2's) are left out.
+@pytest.mark.parametrize("name", sorted(n for n in CASES if n not in ("ideogram4_peft_shared", "ideogram4_conditional")))
+def test_family_is_guessed_from_the_file(name, results):
+    """`jlora inspect` and error messages name the family from the records' module names."""
+    case = CASES[name]
+    tensors = jlora.lora_state_dict(results[name][0])
+    records, _ = engine.build_records(engine.get_format(case.fmt), tensors)
+    records = [dataclasses.replace(r, component=r.component or case.component) for r in records]
+    assert guess_family(records) == GUESSED.get(name, case.family)
