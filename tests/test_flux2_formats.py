@@ -31,6 +31,7 @@ import jlora
 from converters import architectures, engine
 from converters.convert import target_modules
 from converters.errors import InvalidAdapterError
+from jlora.cli import main
 from jlora.inspection import inspect_file
 from jlora.leaf import LokrLeaf
 from tests import newest
@@ -426,7 +427,7 @@ def fits(info: dict) -> bool:
     return "error" not in info and info["targets"] > 0 and not info["unplaced"] and not info.get("malformed")
 
 
-def test_inspect_flux2_files(tmp_path):
+def test_inspect_flux2_files(tmp_path, capsys):
     """`jlora inspect` knows Flux.2 dev and klein shapes: a dev file fits dev (family from the format) and not
     klein 4B; a klein 4B file fits klein 4B."""
     rng = np.random.default_rng(1)
@@ -438,6 +439,8 @@ def test_inspect_flux2_files(tmp_path):
     klein = _dev_file(tmp_path / "klein.safetensors", architectures.FLUX2_KLEIN_4B, rng)
     assert fits(inspect_file(klein, family="flux2_klein_4b"))
     assert not fits(inspect_file(klein, family="flux2"))
+    assert main(["inspect", klein, "--family", "flux2_klein_4b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "flux2_klein_4b"
     # dev widths: hidden 6144, single-block fused projection 3 * 6144 + 2 * 18432 rows, shared modulation 6 * 6144
     index = architectures.flux2_index(architectures.FLUX2_DEV)
     assert index[kernel("single_transformer_blocks.47.attn.to_qkv_mlp_proj")][0] == (6144, 55296)
