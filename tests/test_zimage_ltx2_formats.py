@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 
 import jlora
 from converters import engine
+from converters.guess import guess_family
 from tests import newest
 
 SCALE = 0.7
@@ -333,9 +334,21 @@ def test_z_image_files_are_not_lumina2(ref):
         assert found == [Z_FORMATS.get(name, "z_image")], (name, found)
     ffn_only = ["transformer.layers.0.feed_forward.w1.lora_A.weight", "transformer.layers.0.feed_forward.w1.lora_B.weight"]
     assert [f.name for f in engine.matching_formats(ffn_only)] in (["z_image"], ["peft"])
+    for name, family in (*((n, "z_image") for n in Z_EXPECTED), ("ltx2_original", "ltx2"), ("ltx2_peft", "ltx2")):
+        assert guess_family(_records(ref["files"][name])) == family, name
     lumina2 = ["diffusion_model.layers.0.attention.qkv.lora_A.weight", "diffusion_model.layers.0.feed_forward.w1.lora_A.weight",
                "diffusion_model.layers.0.adaLN_modulation.1.lora_A.weight"]
     assert [f.name for f in engine.matching_formats(lumina2)] == ["lumina2"]
+
+
+def _records(path):
+    """The records of a file as the detected format reads them (diffusers names)."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path))
+    fmt = engine.detect_format(tensors)
+    records, _ = engine.build_records(fmt, tensors)
+    return [piece for rec in records for piece in (fmt.split(rec) if fmt.split else [rec])]
 
 
 # ---- LTX-2 -----------------------------------------------------------------------------------------
@@ -480,3 +493,40 @@ def scheme_target(scheme: str, torch_path: tuple[str, ...]) -> tuple:
 
     target = get_scheme(scheme).target(".".join(torch_path[:-1]))
     return target.path + (torch_path[-1],)
+
+
+# ---- full diffs (no diffusers reader: the format's math, W += scale * diff) ----------------------
+
+DIFF_CASES = {
+    "z_image": ("z_dm_kohya", "transformer", {
+        "diffusion_model.layers.0.attention.norm_q.diff": "layers.0.attention.norm_q.weight",
+        "diffusion_model.layers.0.feed_forward.w2.diff": "layers.0.feed_forward.w2.weight",
+        "diffusion_model.all_x_embedder.2-1.diff_b": "all_x_embedder.2-1.bias",
+        "lora_unet_context_refiner_0_attention_to_out_0.diff": "context_refiner.0.attention.to_out.0.weight",
+    }),
+    "ltx2": ("ltx2_original", "transformer", {
+        "diffusion_model.transformer_blocks.0.attn1.q_norm.diff": "transformer_blocks.0.attn1.norm_q.weight",
+        "diffusion_model.transformer_blocks.0.audio_to_video_attn.k_norm.diff": "transformer_blocks.0.audio_to_video_attn.norm_k.weight",
+        "diffusion_model.patchify_proj.diff_b": "proj_in.bias",
+        "diffusion_model.adaln_single.linear.diff": "time_embed.linear.weight",
+    }),
+}
+
+
+@pytest.mark.parametrize("family", sorted(DIFF_CASES))
+def test_full_diffs_by_the_format_math(ref, family, tmp_path):
+    """`.diff` / `.diff_b` keys (norms included, LTX-2's `q_norm` renamed to `norm_q`) add `scale * diff` to the
+    weight they name and change nothing else; reference: that sum on the torch weights."""
+    case, component, keys = DIFF_CASES[family]
+    torch_base, _, _ = ref["results"][(case, component)]
+    rng, tensors, want = _rng(9), {}, {k: np.array(v, np.float32) for k, v in torch_base.items()}
+    for key, param in keys.items():
+        tensors[key] = rng.standard_normal(torch_base[param].shape).astype(np.float32)
+        want[param] = want[param] + SCALE * tensors[key]
+    path = tmp_path / f"{family}_diffs.safetensors"
+    save_file(tensors, str(path))
+    base = flat_tree(torch_base)
+    got, report = _jlora(path, {component: base}, family)
+    _assert_complete(report, path, family)
+    changed = assert_fused_equal(got[component], flat_tree(want), base)
+    assert len(changed) == len(keys)
