@@ -36,9 +36,14 @@ def flax_out(ref, adapter, scale=1.0):
     return np.asarray(_FORWARDS[ref.name](_apply(ref.flax_params, adapter, scale), **ref.inputs))
 
 
+_BASE = {}
+
+
 def assert_close(ref, got, expected, tol=1e-3):
     """max|got - expected| <= tol * max|LoRA effect|, with an effect large enough to fail on."""
-    base = R.torch_forward(ref.torch_model, ref)
+    if ref.name not in _BASE:
+        _BASE[ref.name] = R.torch_forward(ref.torch_model, ref)
+    base = _BASE[ref.name]
     effect = np.abs(expected - base).max()
     assert effect > 0.3 * np.abs(base).max(), ("LoRA effect too small for a meaningful test", effect)
     err = np.abs(got - expected).max()
@@ -81,7 +86,7 @@ def _diffusers_attn_procs_model(ref, state_dict):
 
 def test_bare_old_unet_file_matches_load_attn_procs(bare_old):
     """Every module of an unprefixed old UNet file lands on the UNet, forward equal to diffusers'
-    ``load_attn_procs`` at two call scales; ``load_lora_weights`` on a UNet + text encoder pipeline
+    ``load_attn_procs`` at call scale 0.7; ``load_lora_weights`` on a UNet + text encoder pipeline
     places the same leaves on the UNet and nothing on the text encoder."""
     path, factors, sd = bare_old["unet"]
     ref, te = R.build_sd15_unet(), R.build_clip_text()
@@ -95,8 +100,7 @@ def test_bare_old_unet_file_matches_load_attn_procs(bare_old):
     assert all(jax.tree.leaves(same))
     model, injected = _diffusers_attn_procs_model(ref, sd)
     assert injected == len(factors), "diffusers' load_attn_procs did not read the whole file"
-    for scale in (1.0, 0.5):
-        assert_close(ref, flax_out(ref, adapter, scale), R.torch_forward(model, ref, scale))
+    assert_close(ref, flax_out(ref, adapter, 0.7), R.torch_forward(model, ref, 0.7))
 
 
 def test_bare_old_text_encoder_file_matches_format_math(bare_old):
@@ -156,14 +160,14 @@ def _lokr_file(tmp_path, modules):
 
 def test_lokr_split_conv_axis_matches_comfyui(tmp_path):
     """A LoKr whose factors split a conv's flattened ``in*kh*kw`` axis loads (ShapeMismatchError before),
-    forward and fused weights equal to ComfyUI's formula applied to the torch UNet at two strengths."""
+    forward and fused weights equal to ComfyUI's formula applied to the torch UNet at strength 0.7."""
     ref = R.build_sd15_unet()
     modules = _lokr_modules()
     path, _ = _lokr_file(tmp_path, modules)
     adapter, report = jlora.load_lora(path, ref.flax_params, "unet", return_report=True)
     assert len(report.placed) == 2 and not report.unplaced and not report.unmatched
     torch_weights = dict(ref.torch_model.named_modules())
-    for scale in (1.0, 0.5):
+    for scale in (0.7,):
         model = copy.deepcopy(ref.torch_model)
         named = dict(model.named_modules())
         with torch.no_grad():
@@ -262,8 +266,7 @@ def test_strict_false_reports_each_malformed_module_and_loads_the_rest(malformed
     model = copy.deepcopy(ref.torch_model)
     Mixin.load_lora_into_unet(sd, alphas, model, adapter_name="default")
     model.eval()
-    for scale in (1.0, 0.5):
-        assert_close(ref, flax_out(ref, adapter, scale), R.torch_forward(model, ref, scale))
+    assert_close(ref, flax_out(ref, adapter, 0.7), R.torch_forward(model, ref, 0.7))
 
 
 @pytest.mark.parametrize("module", list(MALFORMED), ids=[v[0].replace(" ", "_") for v in MALFORMED.values()])
@@ -373,7 +376,7 @@ def _same(a, b):
 @pytest.mark.parametrize("prefix", ["my_model.unet", None])
 def test_prefix_matches_load_lora_adapter(prefixed, prefix):
     """``load_lora(..., prefix=)`` reads the keys and metadata under the prefix (or, prefix=None, all keys as
-    they are) like diffusers' ``load_lora_adapter``: same modules and alphas, forward equal at two scales."""
+    they are) like diffusers' ``load_lora_adapter``: same modules and alphas, forward equal at scale 0.7."""
     ref = R.build_sd15_unet()
     name = "prefixed" if prefix else "bare"
     sd, meta = prefixed["sd"][name], prefixed["meta"][name]
@@ -390,8 +393,7 @@ def test_prefix_matches_load_lora_adapter(prefixed, prefix):
 
     scalings = [float(m.scaling["default"]) for m in model.modules() if isinstance(m, LoraLayer)]
     assert len(scalings) == prefixed["n_unet"] and set(scalings) == {2.0}, "diffusers did not read file and metadata"
-    for scale in (1.0, 0.5):
-        assert_close(ref, flax_out(ref, adapter, scale), R.torch_forward(model, ref, scale))
+    assert_close(ref, flax_out(ref, adapter, 0.7), R.torch_forward(model, ref, 0.7))
 
 
 def test_prefix_in_state_dict_and_pipeline_loads(prefixed):
