@@ -330,6 +330,8 @@ def convert(
         why = "".join(f"\n  {k}: {e}" for k, e in list((malformed or {}).items())[:12])
         raise UnsupportedFormatError(f"{origin}: format {fmt.name} recognised but no complete LoRA module found.{why}")
     metadata = peft.parse_metadata(header, origin)
+    if not metadata and fmt.header_config is not None:
+        metadata = dict(fmt.header_config(header, frozenset(tensors), origin))
     report = LoadReport(origin=origin, format=fmt.name, unmatched=list(unmatched), metadata=metadata,
                         malformed=malformed if malformed is not None else {})
     records = _assign_components(records, targets, default_component, origin)

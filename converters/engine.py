@@ -51,6 +51,8 @@ class Format:
     `supersedes`: names of more generic formats whose detectors also accept this
     format's files; when both detect a file, this one is taken. `context(modules)` computes, once per component,
     what `rename(component, module, context)` needs (e.g. the UNet's layers per block).
+    `header_config(header, keys, origin)`: LoraConfig fields (e.g. `lora_alpha`) the format reads from the file's
+    other header entries when it has no `lora_adapter_metadata`.
     """
 
     name: str
@@ -64,6 +66,7 @@ class Format:
     context: Callable[[Mapping[str, str | None]], Mapping] | None = None
     rename: Callable[[str | None, str, Mapping], str] | None = None
     description: str = ""
+    header_config: Callable[[Mapping[str, str], frozenset[str], str], Mapping] | None = None
     # Also claims `keys` when the target's diffusers module names (`modules`) show its model, for key
     # names that several model families share (Flux.1 and Flux.2 BFL names); None: keys alone decide.
     detect_for: Callable[[frozenset[str], frozenset[str]], bool] | None = None

@@ -87,6 +87,7 @@ class Case:
     up: str = "lora_B.weight"
     component: str = "transformer"
     peft_alpha: float | None = None  # PEFT files: lora_alpha in the metadata (alpha_pattern gives *.to_k 3)
+    header: tuple[tuple[str, str], ...] = ()  # other header entries
 
 
 _FP = (("q_proj", "attn.to_q"), ("k_proj", "attn.to_k"), ("v_proj", "attn.to_v"), ("attn_out", "attn.to_out.0"),
@@ -184,6 +185,9 @@ CASES = {
         "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.ff.down",
         "text_fusion.layerwise_blocks.0.attn.to_gate", "img_in", "time_mod_proj")),
     "minimax_h3": Case("minimax_h3", "MiniMaxH3LoraLoaderMixin", "minimax_h3", "minimax_h3", MINIMAX_H3),
+    # a network alpha in the header (diffusers: every module at alpha / rank when no `.alpha` tensors)
+    "minimax_h3_header_alpha": Case("minimax_h3", "MiniMaxH3LoraLoaderMixin", "minimax_h3", "minimax_h3", MINIMAX_H3[:6],
+                                    header=(("alpha", "10"),)),
     "minimax_h3_kohya_bare": Case("minimax_h3", "MiniMaxH3LoraLoaderMixin", "minimax_h3", "minimax_h3",
                                   MINIMAX_H3_KOHYA, prefix="", down="lora_down.weight", up="lora_up.weight"),
     "musubi_minimax_h3": Case("minimax_h3", "MiniMaxH3LoraLoaderMixin", "musubi_minimax_h3", "minimax_h3",
@@ -255,6 +259,7 @@ def write_case(path, case: Case, base: dict, seed: int) -> list[str]:
         config = {"r": RANK, "lora_alpha": case.peft_alpha, "target_modules": sorted(targets),
                   "alpha_pattern": {"to_k": 3.0}, "rank_pattern": {}}
         metadata = {"lora_adapter_metadata": json.dumps({f"{case.component}.{k}": v for k, v in config.items()})}
+    metadata = {**(metadata or {}), **dict(case.header)} or None
     save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, str(path), metadata=metadata)
     return sorted(tensors)
 
@@ -370,3 +375,20 @@ def test_family_is_guessed_from_the_file(name, results):
     records, _ = engine.build_records(engine.get_format(case.fmt), tensors)
     records = [dataclasses.replace(r, component=r.component or case.component) for r in records]
     assert guess_family(records) == GUESSED.get(name, case.family)
+
+
+def test_minimax_h3_header_alpha_that_is_not_a_number_is_an_error(results):
+    path, keys, base, _, _ = results["minimax_h3"]
+    tensors = jlora.lora_state_dict(path)
+    save_file(tensors, str(path) + ".bad", metadata={"alpha": "eight"})
+    with pytest.raises(jlora.errors.InvalidAdapterError, match="header entry 'alpha' is 'eight'"):
+        jlora.load_lora_weights(str(path) + ".bad", {"transformer": nested(base)}, family="minimax_h3")
+
+
+def test_minimax_h3_header_alpha_scales_every_module(results):
+    """The header's alpha 10 at rank 4 gives 2.5 times the delta of the same tensors without it (alpha = rank)."""
+    path, _, base, want, _ = results["minimax_h3_header_alpha"]
+    plain = jlora.load_lora_weights(jlora.lora_state_dict(path), {"transformer": nested(base)}, family="minimax_h3")
+    got = flatten(jlora.fuse(nested(base), plain["transformer"], SCALE))
+    for leaf in expected_paths(CASES["minimax_h3_header_alpha"]):
+        np.testing.assert_allclose(want[leaf] - base[leaf], 2.5 * (got[leaf] - base[leaf]), rtol=1e-4, atol=1e-5)

@@ -9,7 +9,8 @@
   modules (and diffusers-named files with a module only Ideogram 4 has) keep their names.
 * `minimax_h3`: MiniMax-H3 original names, bare or under `diffusion_model.`: fused `blocks.0.attn.qkv_proj`,
   `mlp.fc1` (SwiGLU `[gate; value]`, diffusers keeps `[value; gate]`: the two output halves swap),
-  `token_refiner.blocks.0`, `final_layer.video_out`, `video_patch_proj`.
+  `token_refiner.blocks.0`, `final_layer.video_out`, `video_patch_proj`. A header entry `alpha` is the network
+  alpha of a file without `.alpha` tensors (all three MiniMax-H3 formats).
 * `musubi_minimax_h3`: musubi-tuner's MiniMax-H3 files, `lora_unet_blocks_0_attn_qkv_proj.lora_down.weight` + `.alpha`.
 * `diffsynth_minimax_h3`: DiffSynth-Studio's MiniMax-H3 files, the original names with PEFT's adapter name
   (`blocks.0.attn.qkv_proj.lora_A.default.weight`), whose fused qkv keeps the checkpoint's per-head order
@@ -29,8 +30,9 @@ so a file has one format. Plain diffusers/PEFT files of these families (`transfo
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -173,10 +175,27 @@ def _detector(regex: re.Pattern) -> Callable[[frozenset[str]], bool]:
 _GENERIC = r"(?P<module>[A-Za-z0-9_.]+?)\."
 
 
-def _mapped(name, maps, prefix, components, roles, detect, supersedes, description) -> Format:
+def _mapped(name, maps, prefix, components, roles, detect, supersedes, description, header_config=None) -> Format:
     return register_format(Format(name=name, supersedes=supersedes, rules=map_rules(prefix, maps, roles),
                                   detect=detect, components=components, roles=roles, split=splitter(maps),
-                                  description=description))
+                                  description=description, header_config=header_config))
+
+
+def h3_header_alpha(header: Mapping[str, str], keys: frozenset[str], origin: str) -> dict:
+    """MiniMax-H3 trainers may record one network alpha as the header entry `alpha` (every module scaled by
+    alpha / rank); per-module `.alpha` tensors win over it."""
+    if "alpha" not in header or any(k.endswith(".alpha") for k in keys):
+        return {}
+    try:
+        alpha = float(header["alpha"])
+    except (TypeError, ValueError):
+        alpha = float("nan")
+    if not math.isfinite(alpha):
+        raise InvalidAdapterError(
+            f"{origin}: the header entry 'alpha' is {header['alpha']!r}; a MiniMax-H3 file records its network alpha "
+            "there as a number. Fix or remove the entry (without it, alpha = rank)."
+        )
+    return {"lora_alpha": alpha}
 
 
 def _renamed(name, maps, prefix, components, detect, supersedes, description) -> Format:
@@ -206,10 +225,11 @@ IDEOGRAM4 = _renamed("ideogram4", IDEOGRAM4_MAPS,
                      "Ideogram 4 original names (layers.0.attention.qkv, attention.o, adaln_modulation)")
 MINIMAX_H3 = _mapped("minimax_h3", MINIMAX_H3_MAPS, r"(?:(?P<component>diffusion_model)\.)?", _TRANSFORMER, ROLES,
                      _detector(MINIMAX_H3_KEY), ("peft", "prefixed_diffusers"),
-                     "MiniMax-H3 original names (blocks.0.attn.qkv_proj, mlp.fc1, final_layer.video_out)")
+                     "MiniMax-H3 original names (blocks.0.attn.qkv_proj, mlp.fc1, final_layer.video_out)", h3_header_alpha)
 MUSUBI_MINIMAX_H3 = _mapped("musubi_minimax_h3", _underscored(MINIMAX_H3_MAPS), r"(?P<component>lora_unet)_",
                             {"lora_unet": "transformer"}, kohya.ROLES, _detector(MUSUBI_MINIMAX_H3_KEY),
-                            ("kohya", "kohya_dit"), "musubi-tuner MiniMax-H3 (lora_unet_blocks_0_attn_qkv_proj)")
+                            ("kohya", "kohya_dit"), "musubi-tuner MiniMax-H3 (lora_unet_blocks_0_attn_qkv_proj)",
+                            h3_header_alpha)
 H3_HEAD_DIM = 128
 _H3_QKV = re.compile(r"(?:token_refiner\.)?blocks\.\d+\.attn\.qkv_proj")
 _H3_SPLIT = splitter(MINIMAX_H3_MAPS)
@@ -241,6 +261,7 @@ DIFFSYNTH_MINIMAX_H3 = register_format(Format(
     roles={"lora_A.default.weight": "down", "lora_B.default.weight": "up"},
     split=_diffsynth_h3_split,
     description="DiffSynth-Studio MiniMax-H3 (blocks.0.attn.qkv_proj.lora_A.default.weight, per-head interleaved qkv)",
+    header_config=h3_header_alpha,
 ))
 ANIMA = register_format(Format(
     name="anima",
