@@ -132,9 +132,16 @@ def get_format(name: str) -> Format:
     return _FORMATS[name]
 
 
-def match_keys(fmt: Format, keys: Iterable[str]) -> tuple[dict[tuple[str, str], dict[str, str]], list[str]]:
-    """Map keys to `{(component, module): {role: key}}`; return it and the unmatched keys."""
+def match_keys(
+    fmt: Format, keys: Iterable[str], malformed: dict[str, str] | None = None
+) -> tuple[dict[tuple[str, str], dict[str, str]], list[str]]:
+    """Map keys to `{(component, module): {role: key}}`; return it and the unmatched keys.
+
+    `malformed`: when given, a module with two keys for one tensor is left out and its keys are mapped to
+    the error's message instead of raising it.
+    """
     groups: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    doubled: dict[tuple[str, str], str] = {}
     unmatched: list[str] = []
     for key in sorted(keys):
         hits = [(rule, m) for rule in fmt.rules if (m := rule.regex.fullmatch(key))]
@@ -157,11 +164,17 @@ def match_keys(fmt: Format, keys: Iterable[str]) -> tuple[dict[tuple[str, str], 
             raise UnsupportedFormatError(f"format {fmt.name!r}: rule for {key!r} gives unknown role {role!r}.")
         slot = groups[(component, module)]
         if role in slot:
-            raise InvalidAdapterError(
+            error = InvalidAdapterError(
                 f"keys {slot[role]!r} and {key!r} both give the {role!r} tensor of "
                 f"{component}.{module}; the file holds duplicate targets."
             )
+            if malformed is None:
+                raise error
+            malformed[key] = doubled[(component, module)] = str(error)
+            continue
         slot[role] = key
+    for group, message in doubled.items():
+        malformed.update({k: message for k in groups.pop(group).values()})
     return dict(groups), unmatched
 
 
@@ -309,7 +322,7 @@ def build_records(
     chain, bad dtypes, a bad alpha) is left out and each of its keys is mapped to the error's message;
     otherwise that error is raised.
     """
-    groups, unmatched = match_keys(fmt, tensors.keys())
+    groups, unmatched = match_keys(fmt, tensors.keys(), malformed)
     records = []
     for (component, module), roles in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         where = f"{component}.{module}" if component else module

@@ -415,3 +415,21 @@ def test_prefix_in_state_dict_and_pipeline_loads(prefixed):
         assert jlora.count(one) > 0 and _same(adapters[component], one)
     with pytest.raises(jlora.errors.KeyMismatchError, match="transformer"):
         jlora.load_lora(path, unet.flax_params, "unet", prefix="transformer")
+
+
+def test_strict_false_reports_a_module_with_two_keys_for_one_tensor(bare_old):
+    """Two keys giving one module's down factor (``.processor.to_q_lora`` and ``.to_q_lora``): InvalidAdapterError
+    under strict=True; with strict=False that module's keys are reported and the other modules give the same
+    leaves as the file without it."""
+    path, factors, sd = bare_old["unet"]
+    ref = R.build_sd15_unet()
+    key = next(k for k in sorted(sd) if k.endswith("attn1.processor.to_q_lora.down.weight"))
+    doubled = {**sd, key.replace(".processor.", "."): sd[key]}
+    with pytest.raises(jlora.errors.InvalidAdapterError, match="duplicate"):
+        jlora.load_lora(doubled, ref.flax_params, "unet")
+    with pytest.warns(UserWarning, match="malformed"):
+        got, report = jlora.load_lora(doubled, ref.flax_params, "unet", strict=False, return_report=True)
+    module_keys = {k for k in doubled if k.startswith(key.rsplit(".down.", 1)[0]) or k == key.replace(".processor.", ".")}
+    assert set(report.malformed) == module_keys and len(module_keys) == 3
+    want = jlora.load_lora({k: v for k, v in sd.items() if k not in module_keys}, ref.flax_params, "unet")
+    assert jlora.count(got) == len(factors) - 1 and _same(got, want)
