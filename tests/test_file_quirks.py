@@ -433,3 +433,23 @@ def test_strict_false_reports_a_module_with_two_keys_for_one_tensor(bare_old):
     assert set(report.malformed) == module_keys and len(module_keys) == 3
     want = jlora.load_lora({k: v for k, v in sd.items() if k not in module_keys}, ref.flax_params, "unet")
     assert jlora.count(got) == len(factors) - 1 and _same(got, want)
+
+
+def test_strict_false_reports_a_bad_metadata_alpha_of_one_module(prefixed):
+    """A ``lora_adapter_metadata`` alpha_pattern entry that is not a number spoils only the module it names:
+    InvalidAdapterError under strict=True; with strict=False that module is reported and the rest gives the
+    leaves of the file without it (alpha 8 from the metadata)."""
+    ref = R.build_sd15_unet()
+    sd, meta = prefixed["sd"]["bare"], dict(prefixed["meta"]["bare"])
+    module = "down_blocks.0.attentions.0.proj_in"
+    meta["alpha_pattern"] = {module: "eight"}
+    with pytest.raises(jlora.errors.InvalidAdapterError, match="alpha_pattern"):
+        jlora.load_lora(sd, ref.flax_params, "unet", metadata=meta)
+    with pytest.warns(UserWarning, match="malformed"):
+        got, report = jlora.load_lora(sd, ref.flax_params, "unet", metadata=meta, strict=False, return_report=True)
+    bad = {k for k in sd if k.startswith(module + ".lora_")}
+    assert set(report.malformed) == bad and len(bad) == 2
+    assert {p.alpha for p in report.placed} == {8.0}
+    want = jlora.load_lora({k: v for k, v in sd.items() if k not in bad}, ref.flax_params, "unet",
+                           metadata=prefixed["meta"]["bare"])
+    assert jlora.count(got) == prefixed["n_unet"] - 1 and _same(got, want)
