@@ -77,14 +77,18 @@ def test_every_registered_format_has_a_sample():
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_sample_is_detected_as_its_format_only(name):
-    """Auto-detection on the sample's keys names the format, and no other format claims the keys."""
+    """Auto-detection on the sample's keys names the format, no other format claims the keys, and the
+    format's rule table reads every sample key."""
     if name not in engine.formats():
         pytest.fail(f"{name} has a sample but is not registered")
     keys = SAMPLES[name]
     modules = SAMPLE_MODULES.get(name)
     claimed = [f.name for f in engine.matching_formats(keys, modules)]
     assert claimed == [name], f"{name} sample {keys} is claimed by {claimed}"
-    assert engine.detect_format(keys, modules=modules).name == name
+    fmt = engine.detect_format(keys, modules=modules)
+    assert fmt.name == name
+    _, unmatched = engine.match_keys(fmt, keys)
+    assert not unmatched, f"the {name} rule table reads none of {unmatched}: the sample is not a {name} file"
 
 
 def _readme_format_names() -> set:
