@@ -185,39 +185,73 @@ def _peft_part(component, model_spec, targets, r, alpha, lora_seed):
 Z_LAYOUTS = {"dm_kohya": z_dm_kohya, "kohya": z_kohya, "dotted_qkv": z_dotted, "lokr": z_lokr}
 
 
+# (out, in) of the weights the hand-written files adapt, from the configs above; the reference run checks them
+# (a wrong one makes diffusers fail to load the file).
+_Z_SHAPES = {"to_q": (32, 32), "to_k": (32, 32), "to_v": (32, 32), "to_out.0": (32, 32), "w1": (85, 32), "w2": (32, 85),
+             "w3": (85, 32), "adaLN_modulation.0": (128, 32), "all_x_embedder.2-1": (32, 16),
+             "all_final_layer.2-1.linear": (16, 32), "all_final_layer.2-1.adaLN_modulation.1": (32, 32),
+             "t_embedder.mlp.2": (32, 1024), "cap_embedder.1": (32, 16)}
+_LTX2_SHAPES = {"proj_in": (16, 8), "audio_proj_in": (8, 4), "time_embed.linear": (96, 16),
+                "time_embed.emb.timestep_embedder.linear_1": (16, 256), "audio_time_embed.linear": (48, 8),
+                "av_cross_attn_video_scale_shift.linear": (64, 16), "av_cross_attn_video_a2v_gate.linear": (16, 16),
+                "av_cross_attn_audio_scale_shift.linear": (32, 8),
+                "av_cross_attn_audio_v2a_gate.emb.timestep_embedder.linear_2": (8, 8),
+                "transformer_blocks.0.attn1.to_q": (16, 16), "transformer_blocks.0.audio_attn2.to_v": (8, 8),
+                "transformer_blocks.0.audio_to_video_attn.to_k": (8, 8),
+                "transformer_blocks.0.video_to_audio_attn.to_out.0": (8, 8),
+                "transformer_blocks.0.audio_ff.net.0.proj": (32, 8), "caption_projection.linear_1": (16, 16),
+                "proj_out": (8, 16), "audio_proj_out": (4, 8)}
+_CONNECTOR_SHAPES = {"text_proj_in": (16, 48), "video_connector.transformer_blocks.0.attn1.to_q": (16, 16),
+                     "audio_connector.transformer_blocks.0.ff.net.2": (16, 64)}
+
+
+def _shape_dict(modules, shapes) -> dict:
+    """`{"<module>.weight": array of its shape}` (values unused: the files need shapes only)."""
+    out = {}
+    for m in modules:
+        shape = shapes.get(m) or next(v for k, v in shapes.items() if m.endswith("." + k))
+        out[f"{m}.weight"] = np.zeros(shape, np.float32)
+    return out
+
+
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    """Base weights, the written files and diffusers 0.42.1's fused weights of every case (two subprocesses)."""
+    """The written files and diffusers 0.42.1's base and fused weights of every case (one subprocess: PEFT's files
+    are written there first, then every file is loaded and fused)."""
     newest.require()
     tmp = tmp_path_factory.mktemp("zimage_ltx2")
     files = {"z_peft": tmp / "z_peft.safetensors", "ltx2_peft": tmp / "ltx2_peft.safetensors"}
     prep = [
-        dict(op="state_dict", **Z_IMAGE), dict(op="state_dict", **LTX2), dict(op="state_dict", **CONNECTORS),
         dict(op="peft_components", mixin="ZImageLoraLoaderMixin", path=str(files["z_peft"]),
              parts=[_peft_part("transformer", Z_IMAGE, Z_PEFT_TARGETS, RANK, 8, 11)]),
         dict(op="peft_components", mixin="LTX2LoraLoaderMixin", path=str(files["ltx2_peft"]),
              parts=[_peft_part("transformer", LTX2, LTX2_PEFT_TARGETS, RANK, 2, 12),
                     _peft_part("connectors", CONNECTORS, CONNECTOR_PEFT_TARGETS, 2, 3, 13)]),
     ]
-    arrays, info = newest.call("batch", cases=prep)
-    bases = [{k[len(f"{i}/"):]: v for k, v in arrays.items() if k.startswith(f"{i}/")} for i in range(3)]
-    z_base, ltx2_base, conn_base = bases
-    keys = {}
+    z_shapes = _shape_dict((*Z_MODULES, "noise_refiner.0.attention.to_k"), _Z_SHAPES)
     for name, write in Z_LAYOUTS.items():
         files[f"z_{name}"] = tmp / f"z_{name}.safetensors"
-        keys[f"z_{name}"] = write(files[f"z_{name}"], z_base)
+        write(files[f"z_{name}"], z_shapes)
     files["ltx2_original"] = tmp / "ltx2_original.safetensors"
-    keys["ltx2_original"] = ltx2_original(files["ltx2_original"], ltx2_base, conn_base)
+    ltx2_original(files["ltx2_original"], _shape_dict(LTX2_RENAMES.values(), _LTX2_SHAPES),
+                  _shape_dict(CONNECTOR_RENAMES.values(), _CONNECTOR_SHAPES))
 
     cases = {}
     for name in ("z_peft", *(f"z_{n}" for n in Z_LAYOUTS)):
-        cases[(name, "transformer")] = dict(**Z_IMAGE, lora=files[name], mixin="ZImageLoraLoaderMixin", scale=SCALE)
+        cases[(name, "transformer")] = dict(**Z_IMAGE, lora=files[name], mixin="ZImageLoraLoaderMixin")
     for name in ("ltx2_peft", "ltx2_original"):
-        cases[(name, "transformer")] = dict(**LTX2, lora=files[name], mixin="LTX2LoraLoaderMixin", scale=SCALE)
-        cases[(name, "connectors")] = dict(**CONNECTORS, lora=files[name], mixin="LTX2LoraLoaderMixin", scale=SCALE,
+        cases[(name, "transformer")] = dict(**LTX2, lora=files[name], mixin="LTX2LoraLoaderMixin")
+        cases[(name, "connectors")] = dict(**CONNECTORS, lora=files[name], mixin="LTX2LoraLoaderMixin",
                                            component="connectors")
-    results = dict(zip(cases, newest.fused_many(list(cases.values()))))
-    return dict(files=files, keys=keys, results=results)
+    defaults = dict(op="fused", seed=0, scale=SCALE, component="transformer", dtype="float32")
+    fused = [{**defaults, **{k: (str(v) if k == "lora" else v) for k, v in c.items()}} for c in cases.values()]
+    arrays, info = newest.call("batch", cases=prep + fused)
+    results = {}
+    for i, case in enumerate(cases, start=len(prep)):
+        part = {k[len(f"{i}/"):]: v for k, v in arrays.items() if k.startswith(f"{i}/")}
+        base = {k[5:]: v for k, v in part.items() if k.startswith("base/")}
+        results[case] = (base, {k[6:]: v for k, v in part.items() if k.startswith("fused/")}, info["cases"][i])
+    return dict(files=files, results=results)
 
 
 # ---- torch-mirror trees and comparisons ------------------------------------------------------------
