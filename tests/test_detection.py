@@ -39,7 +39,7 @@ SAMPLES = {
     "prefixed_diffusers": ["diffusion_model.transformer_blocks.0.attn1.to_q.lora_A.weight"],
     "kohya_dit": ["lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight"],
     "flux3": ["diffusion_model.content_mode_blocks.image.0.q_proj.lora_A.weight"],
-    "krea2": ["diffusion_model.blocks.0.attn.wq.lora_A.weight", "diffusion_model.blocks.0.tmlp.0.lora_A.weight"],
+    "krea2": ["diffusion_model.blocks.0.attn.wq.lora_A.weight", "diffusion_model.tmlp.0.lora_A.weight"],
     "ideogram4": ["layers.0.attention.qkv.lora_A.weight", "layers.0.attention.o.lora_A.weight",
                   "layers.0.adaln_modulation.lora_A.weight"],
     "minimax_h3": ["blocks.0.attn.qkv_proj.lora_A.weight", "final_layer.video_out.lora_A.weight"],
