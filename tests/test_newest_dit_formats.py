@@ -88,6 +88,7 @@ class Case:
     component: str = "transformer"
     peft_alpha: float | None = None  # PEFT files: lora_alpha in the metadata (alpha_pattern gives *.to_k 3)
     header: tuple[tuple[str, str], ...] = ()  # other header entries
+    keys_fmt: str | None = None  # what the keys alone detect, when the target model decides (else `fmt`)
 
 
 _FP = (("q_proj", "attn.to_q"), ("k_proj", "attn.to_k"), ("v_proj", "attn.to_v"), ("attn_out", "attn.to_out.0"),
@@ -218,10 +219,13 @@ CASES = {
     "ideogram4_peft": dataclasses.replace(_peft("ideogram4", "Ideogram4LoraLoaderMixin", "ideogram4", (
         "layers.0.attention.to_q", "layers.0.attention.to_k", "layers.0.feed_forward.w3", "layers.0.adaln_modulation",
         "adaln_proj", "llm_cond_proj", "final_layer.linear")), fmt="ideogram4"),
-    # ... one of shared names only reads as Z-Image (same module names, same result) where that format is registered.
+    # ... one of the names Z-Image shares is Z-Image by its keys alone and Ideogram 4 on an Ideogram 4 tree,
     "ideogram4_peft_shared": dataclasses.replace(_peft("ideogram4", "Ideogram4LoraLoaderMixin", "ideogram4", (
         "layers.0.attention.to_q", "layers.0.attention.to_k", "layers.0.feed_forward.w1", "layers.0.feed_forward.w3")),
-        fmt="z_image" if "z_image" in engine.formats() else "peft"),
+        fmt="ideogram4", keys_fmt="z_image"),
+    # ... and so is one of the original names Lumina2 shares.
+    "ideogram4_lumina2_names": Case("ideogram4", "Ideogram4LoraLoaderMixin", "ideogram4", "ideogram4", IDEOGRAM4_PLAIN,
+                                    keys_fmt="lumina2"),
     "ace_step": Case("ace_step", "AceStepLoraLoaderMixin", "ace_step", "ace_step", ACE_STEP, prefix="base_model.model."),
     "ace_step_peft": _peft("ace_step", "AceStepLoraLoaderMixin", "ace_step", (
         "layers.0.self_attn.to_q", "layers.0.cross_attn.to_k", "layers.0.mlp.up_proj", "condition_embedder")),
@@ -292,7 +296,7 @@ def results(tmp_path_factory):
 def test_fused_weights_equal_diffusers_0_42(name, results):
     case = CASES[name]
     path, keys, base, want, loaded = results[name]
-    assert_detected(keys, case.fmt)
+    assert_detected(keys, case.keys_fmt or case.fmt)
     adapters, report = jlora.load_lora_weights(str(path), {case.component: nested(base)}, family=case.family,
                                                return_report=True)
     assert_report_complete(report, keys, case.fmt)
@@ -367,12 +371,13 @@ GUESSED = {"anima_adapter": "anima", "cosmos_peft": "cosmos", "anima_adapter_pef
 
 
 # Files of names another family shares (Ideogram 4's qkv and feed-forward are Lumina2's) are left out.
-@pytest.mark.parametrize("name", sorted(n for n in CASES if n not in ("ideogram4_peft_shared", "ideogram4_conditional")))
+@pytest.mark.parametrize("name", sorted(n for n in CASES if n not in ("ideogram4_peft_shared", "ideogram4_conditional",
+                                                                      "ideogram4_lumina2_names")))
 def test_family_is_guessed_from_the_file(name, results):
     """`jlora inspect` and error messages name the family from the records' module names."""
     case = CASES[name]
     tensors = jlora.lora_state_dict(results[name][0])
-    records, _ = engine.build_records(engine.get_format(case.fmt), tensors)
+    records, _ = engine.build_records(engine.get_format(case.keys_fmt or case.fmt), tensors)
     records = [dataclasses.replace(r, component=r.component or case.component) for r in records]
     assert guess_family(records) == GUESSED.get(name, case.family)
 

@@ -6,7 +6,8 @@
   (AI-Toolkit): `blocks.0.attn.wq`, `blocks.0.mlp.gate`, `txtfusion.refiner_blocks.0.attn.gate`, `first`, `tmlp.0`.
 * `ideogram4`: Ideogram 4 original names, bare or under `diffusion_model.` / `conditional_transformer.`: fused
   `layers.0.attention.qkv` (q, k, v of equal widths), `attention.o`, lowercase `adaln_modulation`; the other
-  modules (and diffusers-named files with a module only Ideogram 4 has) keep their names.
+  modules (and diffusers-named files with a module only Ideogram 4 has) keep their names. A file of the names
+  Lumina2 or Z-Image share is Ideogram 4 when the target params tree is an Ideogram 4 transformer.
 * `minimax_h3`: MiniMax-H3 original names, bare or under `diffusion_model.`: fused `blocks.0.attn.qkv_proj`,
   `mlp.fc1` (SwiGLU `[gate; value]`, diffusers keeps `[value; gate]`: the two output halves swap),
   `token_refiner.blocks.0`, `final_layer.video_out`, `video_patch_proj`. A header entry `alpha` is the network
@@ -147,6 +148,19 @@ IDEOGRAM4_KEY = re.compile(
     r"input_proj|llm_cond_proj|t_embedding\.mlp_(?:in|out)|adaln_proj|final_layer\.adaln_modulation(?!\.\d))\."
     r"|conditional_transformer\.layers\.\d+\.(?:attention\.qkv|feed_forward\.w[123])\."
 )
+# Names Ideogram 4 shares with Lumina2 (original) and Z-Image (diffusers), and modules only Ideogram 4 has: such a
+# file is Ideogram 4 when the target model is.
+IDEOGRAM4_SHARED_KEY = re.compile(
+    r"(?:(?:diffusion_model|conditional_transformer|transformer)\.)?layers\.\d+\."
+    r"(?:attention\.(?:qkv|to_[qkv]|to_out\.0)|feed_forward\.w[123])\."
+)
+IDEOGRAM4_MODULE = re.compile(r"llm_cond_proj|adaln_proj|layers\.\d+\.adaln_modulation")
+
+
+def is_ideogram4_target(keys: frozenset[str], modules: frozenset[str]) -> bool:
+    return any(IDEOGRAM4_MODULE.fullmatch(m) for m in modules) and any(IDEOGRAM4_SHARED_KEY.match(k) for k in keys)
+
+
 MINIMAX_H3_KEY = re.compile(
     r"(?:diffusion_model\.)?(?:(?:token_refiner\.)?blocks\.\d+\.(?:attn\.(?:qkv|out)_proj|mlp\.fc[12]|adaln_proj\.linear)|"
     r"final_layer\.(?:adaln_proj\.linear|video_out|audio_out)|(?:video|audio)_patch_proj|condition_proj|"
@@ -198,12 +212,12 @@ def h3_header_alpha(header: Mapping[str, str], keys: frozenset[str], origin: str
     return {"lora_alpha": alpha}
 
 
-def _renamed(name, maps, prefix, components, detect, supersedes, description) -> Format:
+def _renamed(name, maps, prefix, components, detect, supersedes, description, detect_for=None) -> Format:
     """Any module under `prefix`; the maps rename some, the rest keep their (diffusers) names."""
     return register_format(Format(name=name, supersedes=supersedes,
                                   rules=(Rule(prefix + _GENERIC + _role_pattern(ROLES), "{role}"),),
                                   detect=detect, components=components, roles=ROLES, split=splitter(maps),
-                                  description=description))
+                                  description=description, detect_for=detect_for))
 
 
 def _only(component: str, split: Callable[[Record], list[Record]]) -> Callable[[Record], list[Record]]:
@@ -222,7 +236,8 @@ IDEOGRAM4 = _renamed("ideogram4", IDEOGRAM4_MAPS,
                      {"diffusion_model": "transformer", "conditional_transformer": "transformer",
                       "transformer": "transformer", None: "transformer"},
                      _detector(IDEOGRAM4_KEY), ("peft", "prefixed_diffusers", "lumina2", "z_image"),
-                     "Ideogram 4 original names (layers.0.attention.qkv, attention.o, adaln_modulation)")
+                     "Ideogram 4 original names (layers.0.attention.qkv, attention.o, adaln_modulation)",
+                     detect_for=is_ideogram4_target)
 MINIMAX_H3 = _mapped("minimax_h3", MINIMAX_H3_MAPS, r"(?:(?P<component>diffusion_model)\.)?", _TRANSFORMER, ROLES,
                      _detector(MINIMAX_H3_KEY), ("peft", "prefixed_diffusers"),
                      "MiniMax-H3 original names (blocks.0.attn.qkv_proj, mlp.fc1, final_layer.video_out)", h3_header_alpha)
