@@ -19,11 +19,11 @@ import converters.formats  # noqa: F401  (registers the formats)
 import converters.schemes  # noqa: F401  (registers the table naming schemes)
 import converters.schemes_jax  # noqa: F401  (third-party JAX codebases' schemes)
 import converters.schemes_maxdiffusion_dit  # noqa: F401  (maxdiffusion's Z-Image and LTX-2)
-from converters import engine, layout
+from converters import engine, layout, layout_lycoris
 from converters.formats import peft
 from converters.guess import guess_family
 from converters.naming import NamingScheme, Path, Target, detect_scheme, get_scheme
-from converters.records import Placement, Record
+from converters.records import Placement, Record, algorithm
 from converters.errors import InvalidAdapterError, KeyMismatchError, ShapeMismatchError, UnsupportedFormatError
 
 ShapeIndex = Mapping[Path, tuple[tuple[int, ...], np.dtype]]
@@ -38,6 +38,7 @@ class PlacedModule:
     rank: int | None
     alpha: float | None
     leaf: str = "lora"
+    algorithm: str = ""
 
 
 @dataclasses.dataclass
@@ -83,7 +84,7 @@ class LoadReport:
             mine = [p for p in self.placed if p.component == comp]
             ranks = sorted({p.rank for p in mine if p.rank is not None})
             alphas = sorted({p.alpha for p in mine if p.alpha is not None})
-            kinds = dict(Counter(p.leaf for p in mine))
+            kinds = dict(Counter(p.algorithm or p.leaf for p in mine))
             lines.append(
                 f"  {comp}: {n} weights {kinds}, ranks {ranks}, alphas {alphas}, scheme {self.schemes.get(comp)}"
             )
@@ -140,9 +141,13 @@ def _weight_path(rec: Record, module_path: Path, scheme: NamingScheme) -> Path:
 
 _LEAF_BUILDERS = {
     "lora": layout.lora_leaf,
-    "loha": layout.loha_leaf,
-    "lokr": layout.lokr_leaf,
+    "loha": layout_lycoris.with_dora(layout.loha_leaf),
+    "lokr": layout_lycoris.with_dora(layout.lokr_leaf),
+    "ia3": layout_lycoris.ia3_leaf,
+    "glora": layout_lycoris.glora_leaf,
+    "oft": layout_lycoris.oft_leaf,
 }
+_ALPHA_AS_IS = ("lokr", "ia3", "oft")  # kinds where a missing alpha does not mean alpha = rank
 
 
 def _place(rec: Record, module: str, index: ShapeIndex, scheme: NamingScheme, alpha: float | None) -> tuple[list[Placement], str]:
@@ -209,7 +214,7 @@ def _leaf_at(rec: Record, path: Path, shape, target: Target, alpha: float | None
     elif rec.kind == "set":
         leaf, fields = layout.set_leaf(rec, part_shape, where)
     else:
-        effective = alpha if alpha is not None or rec.kind == "lokr" else float(rec.rank)
+        effective = alpha if alpha is not None or rec.kind in _ALPHA_AS_IS else float(rec.rank)
         leaf, fields = _LEAF_BUILDERS[rec.kind](rec, part_shape, where, effective)
     if not target.is_simple and leaf not in ("lora", "diff", "set"):
         raise UnsupportedFormatError(
@@ -370,7 +375,8 @@ def convert(
             where = "/".join(p.path) + (f"[{p.layer}]" if p.layer is not None else "")
             if p.cols:
                 where += "[:, " + ", ".join(f"{d0}:{d0 + s1 - s0}" for s0, s1, d0 in p.cols) + "]"
-            report.placed.append(PlacedModule(rec.component, module, where, rec.keys, rec.rank, p.alpha, p.leaf))
+            report.placed.append(PlacedModule(rec.component, module, where, rec.keys, rec.rank, p.alpha, p.leaf,
+                                              algorithm(rec)))
     for component, items in placements.items():
         items = [p for p in items if not set(p.record.keys) & set(report.malformed)]  # a fused piece failed
         whole = [p for p in items if not p.is_part]

@@ -197,6 +197,9 @@ def _kind(where: str, roles: Mapping[str, str]) -> str:
     kinds = {ROLE_KINDS[r] for r in roles} - {None}
     if len(kinds) > 1:
         raise InvalidAdapterError(f"{where}: keys mix adapter kinds {sorted(kinds)}: {sorted(roles.values())}.")
+    if "dora_scale" in roles and (not kinds or kinds - {"lora", "loha", "lokr"}):
+        raise InvalidAdapterError(f"{where}: dora_scale goes with LoRA, LoHa or LoKr factors, not {sorted(kinds) or 'none'}: "
+                                  f"{sorted(roles.values())}.")
     if kinds:
         return kinds.pop()
     if "up_bias" in roles or "diff_b" in roles:
@@ -217,7 +220,10 @@ _NDIMS = {
     "w1a": (2,), "w1b": (2,), "w2a": (2,), "w2b": (2,), "t1": (4,), "t2": (4,),
     "lokr_w1": (2,), "lokr_w1a": (2,), "lokr_w1b": (2,), "lokr_w2": (2, 4), "lokr_w2a": (2,), "lokr_w2b": (2, 4),
     "lokr_t2": (4,), "diff": (1, 2, 4, 5), "set": (1, 2, 4, 5), "diff_b": (1,), "up_bias": (1,),
+    "ia3_w": (1, 3, 4, 5), "glora_a1": (2, 4), "glora_a2": (2, 4), "glora_b1": (2, 4), "glora_b2": (2, 4),
+    "glora_bm": (4,), "oft_blocks": (3, 4), "rescale": (1, 2, 4, 5),
 }
+_NOT_FLOAT = ("alpha", "on_input")  # scalars read by value
 
 
 @functools.lru_cache(maxsize=64)
@@ -227,7 +233,7 @@ def _is_float(dtype: np.dtype) -> bool:
 
 def _check_floats(roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
     for role, key in roles.items():
-        if role == "alpha":
+        if role in _NOT_FLOAT:
             continue
         t = tensors[key]
         if not _is_float(t.dtype):
@@ -306,7 +312,55 @@ def _check_lokr(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.n
             raise InvalidAdapterError(f"{roles[f'lokr_t{i}']}: a LoKr Tucker core needs decomposed lokr_w{i}_a/_b factors.")
 
 
-_CHECKS = {"lora": _check_lora, "loha": _check_loha, "lokr": _check_lokr}
+def _trailing_ones(t: np.ndarray) -> bool:
+    return all(n == 1 for n in t.shape[2:])
+
+
+def _check_ia3(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
+    _need(where, roles, ("ia3_w",), ("on_input",))
+    w, flag = tensors[roles["ia3_w"]], np.asarray(tensors[roles["on_input"]])
+    if flag.size != 1 or flag.dtype.kind not in "biuf" or float(flag.reshape(())) not in (0.0, 1.0):
+        raise InvalidAdapterError(f"{roles['on_input']}: IA3 on_input must be a scalar 0 or 1, got shape "
+                                  f"{tuple(flag.shape)} dtype {flag.dtype}.")
+    if w.ndim > 1 and (w.shape[0] != 1 or not _trailing_ones(w)):
+        raise InvalidAdapterError(f"{roles['ia3_w']}: a conv IA3 weight must be (1, channels, 1, ...), got {tuple(w.shape)}.")
+
+
+def _check_glora(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
+    _need(where, roles, ("glora_a1",), ("glora_a2",), ("glora_b1",), ("glora_b2",))
+    t = {r: tensors[k] for r, k in roles.items()}
+    a1, a2, b1, b2 = t["glora_a1"], t["glora_a2"], t["glora_b1"], t["glora_b2"]
+    shapes = ", ".join(f"{roles[r]} {tuple(t[r].shape)}" for r in sorted(t) if r.startswith("glora"))
+    ok = (a1.shape[0] == a2.shape[1] and a1.shape[1] == a2.shape[0] and b1.shape[1] == b2.shape[0]
+          and all(_trailing_ones(x) for x in (a1, a2, b1)))
+    if "glora_bm" in t:
+        bm = t["glora_bm"]
+        ok = ok and b2.ndim == 4 and _trailing_ones(b2) and bm.shape[:2] == (b1.shape[1], b2.shape[0])
+    if not ok:
+        raise InvalidAdapterError(
+            f"{where}: GLoRA factors do not chain ({shapes}); expected a1 (in, r), a2 (r, in), b1 (out, r), "
+            "b2 (r, in[, kh, kw]) and an optional Tucker bm (r, r, kh, kw) with a 1x1 b2."
+        )
+
+
+def _check_oft(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
+    _need(where, roles, ("oft_blocks",))
+    blocks = tensors[roles["oft_blocks"]]
+    if blocks.shape[-1] != blocks.shape[-2]:
+        raise InvalidAdapterError(f"{roles['oft_blocks']}: OFT blocks must be square, got shape {tuple(blocks.shape)}.")
+    if blocks.ndim == 4 and blocks.shape[-1] % 2:
+        raise InvalidAdapterError(f"{roles['oft_blocks']}: BOFT blocks must have an even size, got shape {tuple(blocks.shape)}.")
+    if "rescale" in roles:
+        rescale = tensors[roles["rescale"]]
+        if any(n != 1 for n in rescale.shape[1:]) or rescale.shape[0] != blocks.shape[-3] * blocks.shape[-1]:
+            raise InvalidAdapterError(
+                f"{roles['rescale']}: OFT rescale must be (out, 1, ...) with out = {blocks.shape[-3] * blocks.shape[-1]} "
+                f"(blocks {tuple(blocks.shape)}), got {tuple(rescale.shape)}."
+            )
+
+
+_CHECKS = {"lora": _check_lora, "loha": _check_loha, "lokr": _check_lokr, "ia3": _check_ia3, "glora": _check_glora,
+           "oft": _check_oft}
 
 
 MODULE_ERRORS = (InvalidAdapterError, ShapeMismatchError)

@@ -85,7 +85,7 @@ def lora_leaf(rec: Record, kernel_shape, path: str, alpha: float) -> tuple[str, 
     if "magnitude" in t or "dora_scale" in t:
         role = "magnitude" if "magnitude" in t else "dora_scale"
         fields["magnitude"] = _magnitude(rec, role, kernel_shape, path)
-        fields["strength_inside"] = role == "magnitude"
+        fields["strength"] = "peft" if role == "magnitude" else "comfyui"
         return "dora", fields
     return "lora", fields
 

@@ -18,7 +18,7 @@ ROLE_KINDS: dict[str, str | None] = {
     "up": "lora",
     "mid": "lora",
     "magnitude": "lora",
-    "dora_scale": "lora",
+    "dora_scale": None,  # DoRA magnitude of a LoRA, LoHa or LoKr
     "w1a": "loha",
     "w1b": "loha",
     "w2a": "loha",
@@ -32,6 +32,15 @@ ROLE_KINDS: dict[str, str | None] = {
     "lokr_w2a": "lokr",
     "lokr_w2b": "lokr",
     "lokr_t2": "lokr",
+    "ia3_w": "ia3",
+    "on_input": "ia3",
+    "glora_a1": "glora",
+    "glora_a2": "glora",
+    "glora_b1": "glora",
+    "glora_b2": "glora",
+    "glora_bm": "glora",
+    "oft_blocks": "oft",
+    "rescale": "oft",
     "diff": "diff",
     "set": "set",
     "up_bias": None,
@@ -47,7 +56,8 @@ class Record:
     Attributes:
       component: `unet`, `text_encoder`, `text_encoder_2` or `transformer`.
       module: diffusers/PyTorch module name, e.g. `down_blocks.0.attentions.0.proj_in`.
-      kind: `lora` (incl. LoCon, Tucker, DoRA), `loha`, `lokr`, `diff`, or `bias` (bias delta only).
+      kind: `lora` (incl. LoCon, Tucker, DoRA), `loha`, `lokr`, `ia3`, `glora`, `oft` (diagonal OFT and
+        BOFT), `diff` (incl. LyCORIS norms), `set`, or `bias` (bias delta only).
       tensors: role -> tensor in PyTorch layout (roles in `ROLE_KINDS`).
       sources: role -> the source key it came from.
       alpha: alpha from the file, or None (then alpha = rank).
@@ -71,11 +81,33 @@ class Record:
             return int(t["down"].shape[0])
         if self.kind == "loha":
             return int(t["w1b"].shape[0])
+        if self.kind == "glora":
+            return int(t["glora_a2"].shape[0])
         if self.kind == "lokr":  # LyCORIS: the last decomposed factor gives the dim
             for role in ("lokr_w2b", "lokr_w1b"):
                 if role in t:
                     return int(t[role].shape[0])
         return None
+
+
+def algorithm(rec: Record) -> str:
+    """The algorithm a record's file used, for reports: `lora`, `locon`, `loha`, `lokr`, `ia3`, `glora`,
+    `diag-oft`, `boft`, `norm`, `diff`, `set`, `bias`; `+tucker`, `+dora`, `+rescaled` name the variants."""
+    t, kind = rec.tensors, rec.kind
+    name = kind
+    if kind == "lora":
+        name = "locon" if t["down"].ndim > 2 else "lora"
+    elif kind == "oft":
+        name = "boft" if t["oft_blocks"].ndim == 4 else "diag-oft"
+    elif kind == "diff" and any(k.endswith(".w_norm") for k in rec.sources.values()):
+        name = "norm"
+    if any(r in t for r in ("mid", "t1", "lokr_t2", "glora_bm")):
+        name += "+tucker"
+    if "dora_scale" in t or "magnitude" in t:
+        name += "+dora"
+    if "rescale" in t:
+        name += "+rescaled"
+    return name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.errors import InvalidAdapterError, UnsafeFusingError
-from jlora.leaf import LoraLeaf, SumLeaf, is_adapter_leaf
+from jlora.leaf import LoraLeaf, SumLeaf, is_adapter_leaf, with_dora_strength
 
 PyTree = Any
 
@@ -59,7 +59,7 @@ def delta(adapter: PyTree, scale=1.0) -> PyTree:
 
 
 def apply(params: PyTree, adapter: PyTree, scale=1.0, *, component: str | None = None, strategy: str = "merge",
-          apply_fn=None) -> PyTree:
+          apply_fn=None, dora_strength: str | None = None) -> PyTree:
     """Params with the adapter merged in: `W + scale * (alpha / r) * a @ b` for each adapted weight.
 
     The delta is computed in float32 and the result cast back to the weight's dtype.
@@ -77,13 +77,17 @@ def apply(params: PyTree, adapter: PyTree, scale=1.0, *, component: str | None =
         nn.Dense / nn.Conv layer: "unmerged" always beside, "auto" whichever costs less for the tokens
         the layer sees (decided at trace time; `jlora.strategy_plan` lists the choices).
       apply_fn: the model call for strategy "unmerged" / "auto".
+      dora_strength: how `scale` acts on DoRA leaves (a static choice, one of `jlora.leaf.DORA_STRENGTHS`):
+        "peft" (inside the norm), "comfyui" (A1111/ComfyUI: `W + s * (DoRA(W) - W)`) or "lycoris"
+        (LyCORIS: the delta in full, only the renormalisation scaled). None: each leaf's own rule
+        (PEFT files "peft", kohya/LyCORIS `dora_scale` files "comfyui"). All agree at scale 1.
 
     >>> y = jax.jit(lambda p, a, s, x: model.apply({"params": jlora.apply(p, a, s)}, x))(p, a, 0.8, x)
     >>> fn = lambda p, x: model.apply({"params": p}, x)
     >>> y = jax.jit(lambda p, a, s, x: jlora.apply(p, a, s, strategy="auto", apply_fn=fn)(x))(p, a, 0.8, x)
     """
     s = check_scale(scale, "apply")
-    adapter = _resolved(adapter, component, "apply")
+    adapter = with_dora_strength(_resolved(adapter, component, "apply"), dora_strength)
     if strategy != "merge" or apply_fn is not None:
         from jlora.strategy import with_lora
 
@@ -104,7 +108,30 @@ def apply(params: PyTree, adapter: PyTree, scale=1.0, *, component: str | None =
     return _map(merge, adapter, params, "apply")
 
 
-_apply_jit = jax.jit(apply)  # fusing outside jit: one compiled merge instead of many eager ops
+@jax.jit
+def _merge_list(weights: list, leaves: list, s) -> list:
+    return [leaf.merge(w, s).astype(w.dtype) for w, leaf in zip(weights, leaves)]
+
+
+def _merge_touched(params: PyTree, adapter: PyTree, s) -> PyTree:
+    """`apply(params, adapter, s)` as one compiled merge over the adapted weights only: the other
+    weights are the caller's arrays, not copies made by the compiled function."""
+    flat, treedef = jax.tree_util.tree_flatten(adapter, is_leaf=lambda x: x is None or is_adapter_leaf(x))
+    try:
+        weights = treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as e:
+        raise InvalidAdapterError(
+            f"fuse: the adapter tree does not have the structure of the params tree ({e}). "
+            "Build adapters from the same params with jlora.load_lora / load_lora_weights."
+        ) from None
+    touched = [i for i, leaf in enumerate(flat) if leaf is not None]
+    for i in touched:
+        _check_shape(flat[i], weights[i])
+    merged = _merge_list([weights[i] for i in touched], [flat[i] for i in touched], s)
+    out = list(weights)
+    for i, w in zip(touched, merged):
+        out[i] = w
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _find_nonfinite(fused: PyTree, adapter: PyTree) -> list[str]:
@@ -158,7 +185,7 @@ def _resolved(adapter, component, what: str):
 
 
 def fuse(params: PyTree, adapter: PyTree, scale=1.0, *, safe_fusing: bool = False, component: str | None = None,
-         return_record: bool = False):
+         return_record: bool = False, dora_strength: str | None = None):
     """Fuse the adapter into the weights once (diffusers' `fuse_lora(lora_scale=scale)`).
 
     Pure: returns new params, the input is not modified. With `safe_fusing=True`
@@ -171,9 +198,9 @@ def fuse(params: PyTree, adapter: PyTree, scale=1.0, *, safe_fusing: bool = Fals
     >>> fused, record = jlora.fuse(params, adapter, scale=0.8, return_record=True)
     >>> restored = jlora.unfuse(fused, record)
     """
-    adapter = _resolved(adapter, component, "fuse")
+    adapter = with_dora_strength(_resolved(adapter, component, "fuse"), dora_strength)
     s = check_scale(scale, "fuse")
-    fused = params if adapter is None else _apply_jit(params, adapter, s)
+    fused = params if adapter is None else _merge_touched(params, adapter, s)
     if safe_fusing and adapter is not None:
         bad = _find_nonfinite(fused, adapter)
         if bad:

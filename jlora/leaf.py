@@ -2,8 +2,16 @@
 
 Every leaf type knows the kernel shape it modifies and how to merge into a weight:
 `merge(w, scale)` returns the float32 adapted weight. Additive leaves only define
-`delta()` (then `merge` is `w + scale * delta()`); DoRA overrides `merge`.
+`delta()` (then `merge` is `w + scale * delta()`); DoRA overrides `merge`, and the
+multiplicative LyCORIS leaves (`jlora.leaf_lycoris`) define `merge` and its inverse `unmerge`.
 All fields are arrays, so scaling, stacking, sharding and optax updates are tree maps.
+
+DoRA strength (how a call scale `s` acts on a DoRA weight, `V = W + dW`, `n(V) = m * V / ||V||`):
+
+* `"peft"`: the scale goes inside the norm, `n(W + s * dW)` (PEFT, diffusers).
+* `"comfyui"`: the result is blended, `W + s * (n(W + dW) - W)` (A1111 and ComfyUI).
+* `"lycoris"`: dW is applied in full and only the renormalisation is scaled,
+  `V + s * (n(V) - V)` (LyCORIS 4.1.3, `weight_decompose`; it adds float32 eps to the norm).
 """
 
 from __future__ import annotations
@@ -50,9 +58,20 @@ class AdapterLeaf:
         return _f32(w) + _f32(scale) * self.delta()
 
     @property
-    def invertible(self) -> bool:
-        """Whether `merge` can be undone by merging with `-scale` (true for additive leaves)."""
+    def additive(self) -> bool:
+        """Whether `merge(w, s)` is `w + s * delta()` with a delta independent of `w` (then leaves sum)."""
         return True
+
+    @property
+    def invertible(self) -> bool:
+        """Whether `unmerge` undoes `merge` (additive leaves, and multiplicative ones with an inverse)."""
+        return self.additive
+
+    def unmerge(self, w: jax.Array, scale) -> jax.Array:
+        """The float32 weight `w0` with `merge(w0, scale) == w` (additive leaves: `merge(w, -scale)`)."""
+        if not self.additive:
+            raise TypeError(f"{type(self).__name__}: merging rescales the weight and cannot be undone")
+        return self.merge(w, -_f32(scale))
 
     def partition_specs(self, spec: tuple):
         """This leaf with each array replaced by its PartitionSpec, given the weight's full spec.
@@ -60,6 +79,37 @@ class AdapterLeaf:
         The default replicates every field; low-rank leaves shard like their weight.
         """
         return jax.tree.map(lambda _: P(), self)
+
+
+DORA_STRENGTHS = ("peft", "comfyui", "lycoris")
+
+
+def _renormalise(v: jax.Array, magnitude, eps: float = 0.0) -> jax.Array:
+    """`magnitude * v / ||v||`, the norm over the axes where `magnitude` has size 1."""
+    m = _f32(magnitude)
+    axes = tuple(i for i, n in enumerate(m.shape) if n == 1)
+    norm = jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True)) + eps
+    return v * (m / norm)
+
+
+def dora_merge(w, d, magnitude, scale, strength: str) -> jax.Array:
+    """A DoRA weight from the base weight `w`, the delta at scale 1 `d` and the call `scale`.
+
+    `strength` is one of `DORA_STRENGTHS` (see the module docstring).
+    """
+    w, s = _f32(w), _f32(scale)
+    if strength == "peft":
+        return _renormalise(w + s * d, magnitude)
+    if strength == "comfyui":
+        return w + s * (_renormalise(w + d, magnitude) - w)
+    if strength == "lycoris":
+        v = w + d
+        return v + s * (_renormalise(v, magnitude, float(jnp.finfo(jnp.float32).eps)) - v)
+    raise ValueError(f"DoRA strength {strength!r} is not one of {DORA_STRENGTHS}")
+
+
+def _magnitude_spec(magnitude, spec: tuple):
+    return None if magnitude is None else P(*(None if n == 1 else s for n, s in zip(magnitude.shape, spec)))
 
 
 class _LowRank:
@@ -118,7 +168,9 @@ class LohaLeaf(AdapterLeaf):
     """LyCORIS LoHa: `delta = (alpha / r) * (a1 @ b1) * (a2 @ b2)` (Hadamard product).
 
     Factors in Flax layout like `LoraLeaf`: `a1`, `a2` have the kernel's shape with the
-    last axis replaced by the rank, `b1`, `b2` are `(r, out)`.
+    last axis replaced by the rank, `b1`, `b2` are `(r, out)`. With a `magnitude`
+    (LyCORIS `dora_scale`) the merged weight is renormalised as in `DoraLeaf`, the call
+    scale acting by `strength` (one of `DORA_STRENGTHS`).
     """
 
     a1: jax.Array
@@ -126,6 +178,17 @@ class LohaLeaf(AdapterLeaf):
     a2: jax.Array
     b2: jax.Array
     alpha: jax.Array
+    magnitude: jax.Array | None = None
+    strength: str = dataclasses.field(default="comfyui", metadata=dict(static=True))
+
+    @property
+    def additive(self) -> bool:
+        return self.magnitude is None
+
+    def merge(self, w: jax.Array, scale) -> jax.Array:
+        if self.magnitude is None:
+            return super().merge(w, scale)
+        return dora_merge(w, self.delta(), self.magnitude, scale, self.strength)
 
     @property
     def rank(self) -> int:
@@ -140,7 +203,8 @@ class LohaLeaf(AdapterLeaf):
 
     def partition_specs(self, spec: tuple):
         a, b = P(*spec[:-1], None), P(None, spec[-1])
-        return LohaLeaf(a1=a, b1=b, a2=a, b2=b, alpha=P())
+        return LohaLeaf(a1=a, b1=b, a2=a, b2=b, alpha=P(), magnitude=_magnitude_spec(self.magnitude, spec),
+                        strength=self.strength)
 
 
 @jax.tree_util.register_dataclass
@@ -150,12 +214,27 @@ class LokrLeaf(AdapterLeaf):
 
     `w1` is `(in1, out1)`; `w2` is `(..., in2, out2)` (conv: `(kh, kw, in2, out2)`); the
     kernel is `(..., in1 * in2, out1 * out2)`. `factor` is alpha / rank when a factor
-    was stored decomposed, else 1 (the converter resolves it).
+    was stored decomposed, else 1 (the converter resolves it). An optional `magnitude`
+    (LyCORIS `dora_scale`) makes it a DoRA weight, as for `LohaLeaf`.
     """
 
     w1: jax.Array
     w2: jax.Array
     factor: jax.Array
+    magnitude: jax.Array | None = None
+    strength: str = dataclasses.field(default="comfyui", metadata=dict(static=True))
+
+    @property
+    def additive(self) -> bool:
+        return self.magnitude is None
+
+    def merge(self, w: jax.Array, scale) -> jax.Array:
+        if self.magnitude is None:
+            return super().merge(w, scale)
+        return dora_merge(w, self.delta(), self.magnitude, scale, self.strength)
+
+    def partition_specs(self, spec: tuple):
+        return LokrLeaf(w1=P(), w2=P(), factor=P(), magnitude=_magnitude_spec(self.magnitude, spec), strength=self.strength)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -207,7 +286,7 @@ class SetLeaf(AdapterLeaf):
         return tuple(self.value.shape)
 
     @property
-    def invertible(self) -> bool:
+    def additive(self) -> bool:
         return False
 
     def delta(self) -> jax.Array:
@@ -229,19 +308,26 @@ class DoraLeaf(_LowRank, AdapterLeaf):
     over the axes where `magnitude` has size 1 (PEFT: per output channel; kohya/LyCORIS
     `dora_scale`: per output or per input channel, as the file stores it).
 
-    `strength_inside=True` is PEFT's rule (the call scale multiplies the LoRA inside
-    the norm). `False` is the kohya/LyCORIS rule used by ComfyUI: the DoRA weight is
-    computed at scale 1 and the result is blended, `W + s * (W' - W)`.
+    `strength` says how the call scale acts (module docstring): `"peft"` (inside the
+    norm; PEFT files), `"comfyui"` (the DoRA weight at scale 1 blended with `W`, as
+    A1111 and ComfyUI do; the default for kohya `dora_scale` files) or `"lycoris"`
+    (LyCORIS's own rule: the delta in full, only the renormalisation scaled). All three
+    agree at scale 1. `jlora.apply(..., dora_strength=...)` overrides it per call.
     """
 
     a: jax.Array
     b: jax.Array
     alpha: jax.Array
     magnitude: jax.Array
-    strength_inside: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    strength: str = dataclasses.field(default="peft", metadata=dict(static=True))
 
     @property
-    def invertible(self) -> bool:
+    def strength_inside(self) -> bool:
+        """True for PEFT's rule (the call scale inside the norm)."""
+        return self.strength == "peft"
+
+    @property
+    def additive(self) -> bool:
         return False
 
     def delta(self) -> jax.Array:
@@ -249,20 +335,11 @@ class DoraLeaf(_LowRank, AdapterLeaf):
         return _low_rank(self.a, self.b) * (_f32(self.alpha) / self.rank)
 
     def partition_specs(self, spec: tuple):
-        m = P(*(None if n == 1 else s for n, s in zip(self.magnitude.shape, spec)))
-        return DoraLeaf(a=P(*spec[:-1], None), b=P(None, spec[-1]), alpha=P(), magnitude=m, strength_inside=self.strength_inside)
-
-    def _renormalised(self, v: jax.Array) -> jax.Array:
-        m = _f32(self.magnitude)
-        axes = tuple(i for i, n in enumerate(m.shape) if n == 1)
-        norm = jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
-        return v * (m / norm)
+        return DoraLeaf(a=P(*spec[:-1], None), b=P(None, spec[-1]), alpha=P(),
+                        magnitude=_magnitude_spec(self.magnitude, spec), strength=self.strength)
 
     def merge(self, w: jax.Array, scale) -> jax.Array:
-        w, s = _f32(w), _f32(scale)
-        if self.strength_inside:
-            return self._renormalised(w + s * self.delta())
-        return w + s * (self._renormalised(w + self.delta()) - w)
+        return dora_merge(w, self.delta(), self.magnitude, scale, self.strength)
 
 
 @jax.tree_util.register_dataclass
@@ -283,6 +360,28 @@ class SumLeaf(AdapterLeaf):
 
     def partition_specs(self, spec: tuple):
         return SumLeaf(parts=tuple(p.partition_specs(spec) for p in self.parts), weights=P())
+
+
+def with_dora_strength(adapter, strength: str | None):
+    """The adapter with every DoRA leaf (`DoraLeaf`, LoHa/LoKr with a magnitude) using `strength`.
+
+    `strength` is one of `DORA_STRENGTHS` (module docstring); None leaves each leaf's own rule.
+
+    >>> lycoris_like = with_dora_strength(adapter, "lycoris")
+    """
+    if strength is None:
+        return adapter
+    if strength not in DORA_STRENGTHS:
+        from jlora.errors import InvalidAdapterError
+
+        raise InvalidAdapterError(f"dora_strength must be one of {DORA_STRENGTHS} or None, got {strength!r}.")
+
+    def one(leaf):
+        if isinstance(leaf, DoraLeaf) or (isinstance(leaf, (LohaLeaf, LokrLeaf)) and leaf.magnitude is not None):
+            return dataclasses.replace(leaf, strength=strength)
+        return leaf
+
+    return jax.tree.map(one, adapter, is_leaf=is_adapter_leaf)
 
 
 def is_adapter_leaf(x) -> bool:

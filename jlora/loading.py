@@ -12,6 +12,7 @@ from converters import get_family, read_state_dict
 from converters.formats.peft import parse_metadata
 from jlora.errors import JloraError, KeyMismatchError
 from jlora.leaf import DiffLeaf, DoraLeaf, LohaLeaf, LokrLeaf, LoraLeaf, SetLeaf
+from jlora.leaf_lycoris import BoftLeaf, GloraLeaf, Ia3Leaf, OftLeaf
 
 PyTree = Any
 
@@ -146,11 +147,13 @@ def lora_state_dict(source, *, return_lora_metadata: bool = False, prefix: str |
     return tensors
 
 
-LEAF_TYPES = {"lora": LoraLeaf, "loha": LohaLeaf, "lokr": LokrLeaf, "diff": DiffLeaf, "dora": DoraLeaf, "set": SetLeaf}
+LEAF_TYPES = {"lora": LoraLeaf, "loha": LohaLeaf, "lokr": LokrLeaf, "diff": DiffLeaf, "dora": DoraLeaf, "set": SetLeaf,
+              "ia3": Ia3Leaf, "glora": GloraLeaf, "oft": OftLeaf, "boft": BoftLeaf}
+_STATIC = (bool, str, tuple)  # leaf fields that stay on the host (static pytree fields)
 
 
 def _host_field(value, dtype):
-    if isinstance(value, bool):
+    if isinstance(value, _STATIC):
         return value
     if isinstance(value, (int, float)):
         return np.float32(value)
@@ -164,15 +167,15 @@ def make_leaves(placements, dtype=None) -> list:
     Scalars (alphas, factors) with the same value share one device array.
     """
     host = [{k: _host_field(v, dtype) for k, v in p.fields.items()} for p in placements]
-    arrays = [v for fields in host for v in fields.values() if not isinstance(v, bool) and np.ndim(v) > 0]
-    scalars = sorted({float(v) for fields in host for v in fields.values() if not isinstance(v, bool) and np.ndim(v) == 0})
+    arrays = [v for fields in host for v in fields.values() if not isinstance(v, _STATIC) and np.ndim(v) > 0]
+    scalars = sorted({float(v) for fields in host for v in fields.values() if not isinstance(v, _STATIC) and np.ndim(v) == 0})
     moved = jax.device_put(arrays + [np.float32(x) for x in scalars])
     moved_scalars = dict(zip(scalars, moved[len(arrays):]))
     moved = iter(moved[: len(arrays)])
     leaves = []
     for p, fields in zip(placements, host):
         kwargs = {
-            k: v if isinstance(v, bool) else (moved_scalars[float(v)] if np.ndim(v) == 0 else next(moved))
+            k: v if isinstance(v, _STATIC) else (moved_scalars[float(v)] if np.ndim(v) == 0 else next(moved))
             for k, v in fields.items()
         }
         leaves.append(LEAF_TYPES[p.leaf](**kwargs))

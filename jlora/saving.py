@@ -16,7 +16,7 @@ from converters.naming import NamingScheme, detect_scheme, get_scheme
 from converters.safetensors_io import save_file
 from converters.sources import WEIGHT_NAME
 from jlora.errors import JloraError
-from jlora.leaf import LokrLeaf, LoraLeaf, is_adapter_leaf
+from jlora.leaf import LohaLeaf, LokrLeaf, LoraLeaf, is_adapter_leaf
 from jlora.loading import path_of
 from jlora.sharding import to_host
 
@@ -103,9 +103,12 @@ def _kohya_state(component: str, adapter: PyTree, scheme, dtype, components) -> 
     for path, leaf in zip(paths, (l for _, l in flat)):
         if leaf is None:
             continue
+        if isinstance(leaf, (LohaLeaf, LokrLeaf)):
+            tensors.update(_lycoris_state(prefix, component, path, leaf, scheme, dtype))
+            continue
         if not isinstance(leaf, LoraLeaf):
             raise JloraError(f"{component}:{'/'.join(path)}: a {type(leaf).__name__} cannot be written as a kohya "
-                             "LoRA; only LoRA leaves can.")
+                             "LoRA; only LoRA, LoHa and LoKr leaves can.")
         if scheme.name == "jlora_flux":
             a_all, b_all, alpha_all = to_host(leaf.a), to_host(leaf.b), to_host(leaf.alpha).astype(np.float64)
             layers = range(a_all.shape[0]) if b_all.ndim == 3 else [None]
@@ -118,6 +121,39 @@ def _kohya_state(component: str, adapter: PyTree, scheme, dtype, components) -> 
         for module, a, b, alpha in _module_factors(leaf, scheme.sources(path[:-1], leaf.shape)):
             _put_kohya(tensors, prefix + module.replace(".", "_"), a, b, alpha, dtype)
     return tensors
+
+
+def _lycoris_state(prefix: str, component: str, path, leaf, scheme, dtype) -> dict:
+    """LyCORIS keys of a LoHa (`hada_w1_a` ... `alpha`) or LoKr (`lokr_w1`, `lokr_w2`, `alpha`) leaf, and
+    `dora_scale` when it has a magnitude, in torch layout.
+
+    LoKr factors are written full with the leaf's factor folded into `lokr_w1`, so LyCORIS's scale is 1."""
+    sources = scheme.sources(path[:-1], leaf.shape)
+    if len(sources) != 1 or sources[0][1] is not None or sources[0][2]:
+        raise JloraError(f"{component}:{'/'.join(path)}: a {type(leaf).__name__} on a stacked or fused weight cannot "
+                         "be written per module.")
+    name = prefix + sources[0][0].replace(".", "_")
+    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
+    conv = len(leaf.shape) == 4
+    out = {}
+    if isinstance(leaf, LohaLeaf):
+        for i in ("1", "2"):
+            down, up = layout.factors_to_torch(to_host(getattr(leaf, f"a{i}")), to_host(getattr(leaf, f"b{i}")), conv=conv)
+            out[f"{name}.hada_w{i}_a"] = cast(up.reshape(up.shape[:2]))
+            out[f"{name}.hada_w{i}_b"] = cast(down.reshape(down.shape[0], -1))
+        out[f"{name}.alpha"] = np.asarray(float(to_host(leaf.alpha)), np.float32)
+    else:
+        w1 = to_host(leaf.w1).astype(np.float64) * float(to_host(leaf.factor))
+        w2 = to_host(leaf.w2)
+        out[f"{name}.lokr_w1"] = cast(w1.T.astype(w2.dtype))
+        out[f"{name}.lokr_w2"] = cast(w2.T if w2.ndim == 2 else w2.transpose(3, 2, 0, 1))
+        out[f"{name}.alpha"] = np.asarray(1.0, np.float32)
+    if leaf.magnitude is not None:
+        m = to_host(leaf.magnitude)
+        n = m.size
+        shape = (n, 1) if m.shape[-1] == n else (1, n)  # per output channel, else per input channel
+        out[f"{name}.dora_scale"] = cast(m.reshape(shape + ((1, 1) if conv else ())))
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 def _put_kohya(tensors: dict, name: str, a, b, alpha: float, dtype) -> None:

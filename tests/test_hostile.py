@@ -1148,8 +1148,8 @@ def adapter_file_layout_a_list(env):
 @case(errors.CorruptFileError)
 def adapter_file_unknown_leaf_kind(env):
     name = "unet/down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel"
-    path, _ = _adapter_file(env, "af_kind.safetensors", header={"jlora_adapters": json.dumps({name: {"kind": "oft"}})})
-    return lambda: jlora.load_adapters(path, {"unet": env.unet}), [path, name, "'oft'"], []
+    path, _ = _adapter_file(env, "af_kind.safetensors", header={"jlora_adapters": json.dumps({name: {"kind": "vera"}})})
+    return lambda: jlora.load_adapters(path, {"unet": env.unet}), [path, name, "'vera'"], []
 
 
 @case(errors.CorruptFileError)

@@ -564,3 +564,26 @@ def test_full_diffs_by_the_format_math(ref, family, tmp_path):
     _assert_complete(report, path, family)
     changed = assert_fused_equal(got[component], flat_tree(want), base)
     assert len(changed) == len(keys)
+
+
+def test_z_image_bad_fused_qkv_and_duplicates_are_typed_errors(ref):
+    """A fused `qkv` whose rows do not split in thirds, and a `qkv` next to the split keys it duplicates (diffusers
+    drops the fused one silently), are typed errors naming the keys; the caller's dict is left as it was."""
+    base, _, _ = ref["results"][("z_dm_kohya", "transformer")]
+    trees = {"transformer": nested(flat_tree(base))}
+    rng = _rng(10)
+    qkv = "lora_unet_layers_0_attention_qkv"
+    bad = {f"{qkv}.lora.down.weight": rng.standard_normal((RANK, 32)).astype(np.float32),
+           f"{qkv}.lora.up.weight": rng.standard_normal((95, RANK)).astype(np.float32)}
+    before = {k: v.copy() for k, v in bad.items()}
+    with pytest.raises(jlora.JloraError, match=qkv) as e:
+        jlora.load_lora_weights(bad, trees, family="z_image")
+    assert "95" in str(e.value)
+    assert bad.keys() == before.keys() and all(np.array_equal(bad[k], before[k]) for k in bad)
+    dup = {f"{qkv}.lora.down.weight": bad[f"{qkv}.lora.down.weight"],
+           f"{qkv}.lora.up.weight": rng.standard_normal((96, RANK)).astype(np.float32),
+           "lora_unet_layers_0_attention_to_k.lora.down.weight": rng.standard_normal((RANK, 32)).astype(np.float32),
+           "lora_unet_layers_0_attention_to_k.lora.up.weight": rng.standard_normal((32, RANK)).astype(np.float32)}
+    with pytest.raises(jlora.JloraError, match="to_k") as e:
+        jlora.load_lora_weights(dup, trees, family="z_image")
+    assert qkv in str(e.value)

@@ -1,8 +1,10 @@
 """kohya / A1111 / LyCORIS format: `lora_unet_<module_with_underscores>.<tensor>`.
 
 One rule table reads LoRA and LoCon (`lora_down`/`lora_up`/`lora_mid`, `alpha`),
-DoRA (`dora_scale`), LyCORIS LoHa (`hada_*`) and LoKr (`lokr_*`), and full diffs
-(`diff`, `diff_b`). Module names have dots replaced by underscores; the converter
+DoRA (`dora_scale`, also on LoHa and LoKr), LyCORIS LoHa (`hada_*`), LoKr (`lokr_*`),
+IA3 (`weight`, `on_input`), GLoRA (`a1.weight` ... `bm.weight`), diagonal OFT and BOFT
+(`oft_blocks` of 3 or 4 dims, `rescale`, `alpha` = constraint), trained norms (`w_norm`,
+`b_norm`, read as diffs of the norm's scale and bias) and full diffs (`diff`, `diff_b`). Module names have dots replaced by underscores; the converter
 resolves them against the target model's modules. SDXL files from sd-scripts use
 the original (sgm) UNet block names, `input_blocks_4_1_...`, which `sgm_to_diffusers`
 maps to diffusers blocks using the UNet's layers per block.
@@ -37,6 +39,17 @@ ROLES = {
     "lokr_w2_a": "lokr_w2a",
     "lokr_w2_b": "lokr_w2b",
     "lokr_t2": "lokr_t2",
+    "weight": "ia3_w",
+    "on_input": "on_input",
+    "a1.weight": "glora_a1",
+    "a2.weight": "glora_a2",
+    "b1.weight": "glora_b1",
+    "b2.weight": "glora_b2",
+    "bm.weight": "glora_bm",
+    "oft_blocks": "oft_blocks",
+    "rescale": "rescale",
+    "w_norm": "diff",
+    "b_norm": "diff_b",
     "diff": "diff",
     "diff_b": "diff_b",
     "set_weight": "set",
@@ -141,6 +154,6 @@ FORMAT = register_format(
         underscored=True,
         context=_context,
         rename=_rename,
-        description="kohya / A1111 / LyCORIS (lora_down, LoCon, LoHa, LoKr, DoRA, diff)",
+        description="kohya / A1111 / LyCORIS (lora_down, LoCon, LoHa, LoKr, IA3, GLoRA, OFT, BOFT, DoRA, norms, diff)",
     )
 )

@@ -1,0 +1,106 @@
+"""Flax-layout fields of the LyCORIS algorithms beyond LoRA/LoHa/LoKr (IA3, GLoRA, OFT, BOFT) and of
+DoRA on LoHa/LoKr. Torch layouts as LyCORIS 4.1.3 saves them (`lycoris/modules/*.py`):
+
+* IA3: `weight` `(out,)` for Linear, `(1, out, 1, 1)` for Conv; `(in,)` / `(1, in, 1, 1)` when
+  `on_input` is 1.
+* GLoRA: `a1.weight` `(in, r[, 1, 1])`, `a2.weight` `(r, in[, 1, 1])`, `b1.weight` `(out, r[, 1, 1])`,
+  `b2.weight` `(r, in[, kh, kw])`, Tucker `bm.weight` `(r, r, kh, kw)` with a 1x1 `b2`; `alpha`.
+* diagonal OFT `oft_blocks` `(n, b, b)`, BOFT `(m, n, b, b)`, `n * b` output channels;
+  `rescale` `(out, 1[, 1, 1])`; `alpha` is the norm constraint per output channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from converters import layout
+from converters.errors import InvalidAdapterError, ShapeMismatchError
+from converters.records import Record
+
+
+def ia3_leaf(rec: Record, kernel_shape, path: str, alpha) -> tuple[str, dict]:
+    t = rec.tensors
+    on_input = bool(float(np.asarray(t["on_input"]).reshape(())))
+    vec = np.asarray(t["ia3_w"]).reshape(-1)
+    axis = -2 if on_input else -1
+    if vec.size != kernel_shape[axis]:
+        side = "input" if on_input else "output"
+        raise ShapeMismatchError(
+            f"{rec.sources['ia3_w']}: IA3 weight of shape {tuple(t['ia3_w'].shape)} scales the {side} channels "
+            f"(on_input={int(on_input)}) but {path} has {kernel_shape[axis]} of them (shape {tuple(kernel_shape)})."
+        )
+    shape = [1] * len(kernel_shape)
+    shape[axis] = vec.size
+    return "ia3", {"weight": vec.reshape(shape), "kernel": tuple(int(n) for n in kernel_shape)}
+
+
+def glora_leaf(rec: Record, kernel_shape, path: str, alpha: float) -> tuple[str, dict]:
+    t = rec.tensors
+    a1, a2 = t["glora_a1"], t["glora_a2"]
+    r, n_in = a2.shape[0], a2.shape[1]
+    if n_in != kernel_shape[-2]:
+        raise ShapeMismatchError(
+            f"{rec.sources['glora_a2']}: GLoRA a2 of shape {tuple(a2.shape)} mixes {n_in} input channels but {path} "
+            f"has {kernel_shape[-2]} (shape {tuple(kernel_shape)})."
+        )
+    b_half = {"down": t["glora_b2"], "up": t["glora_b1"]}
+    if "glora_bm" in t:
+        b_half["mid"] = t["glora_bm"]
+    names = {"down": "glora_b2", "up": "glora_b1", "mid": "glora_bm"}
+    b_rec = dataclasses.replace(rec, kind="lora", tensors=b_half,
+                                sources={role: rec.sources[names[role]] for role in b_half})
+    _, b = layout.lora_leaf(b_rec, kernel_shape, path, alpha)
+    fields: dict[str, Any] = {
+        "a_down": a2.reshape(r, n_in).T,
+        "a_up": a1.reshape(n_in, r).T,
+        "b_down": b["a"],
+        "b_up": b["b"],
+        "alpha": alpha,
+    }
+    return "glora", fields
+
+
+def oft_leaf(rec: Record, kernel_shape, path: str, alpha: float | None) -> tuple[str, dict]:
+    t = rec.tensors
+    blocks = t["oft_blocks"]
+    n_out = kernel_shape[-1]
+    n, b = blocks.shape[-3], blocks.shape[-1]
+    fits = n * b == n_out
+    if blocks.ndim == 4:  # BOFT: stage i mixes channels 2**i * b / 2 apart
+        fits = fits and all(n_out % (2**i * b) == 0 for i in range(blocks.shape[0]))
+    if not fits:
+        raise ShapeMismatchError(
+            f"{rec.sources['oft_blocks']}: {'BOFT' if blocks.ndim == 4 else 'OFT'} blocks of shape {tuple(blocks.shape)} "
+            f"cover {n * b} output channels but {path} has {n_out} (shape {tuple(kernel_shape)})."
+        )
+    rescale = t["rescale"].reshape(-1) if "rescale" in t else np.ones((n_out,), np.float32)
+    fields = {
+        "blocks": blocks,
+        "rescale": rescale,
+        "constraint": float(alpha or 0.0) * n_out,
+        "kernel": tuple(int(k) for k in kernel_shape),
+    }
+    return ("boft" if blocks.ndim == 4 else "oft"), fields
+
+
+def with_dora(builder):
+    """A LoHa/LoKr leaf builder that also reads LyCORIS `dora_scale` into the leaf's `magnitude`."""
+
+    def build(rec: Record, kernel_shape, path: str, alpha) -> tuple[str, dict]:
+        if "dora_scale" not in rec.tensors:
+            return builder(rec, kernel_shape, path, alpha)
+        inner = dataclasses.replace(rec, tensors={k: v for k, v in rec.tensors.items() if k != "dora_scale"})
+        leaf, fields = builder(inner, kernel_shape, path, alpha)
+        if leaf not in ("loha", "lokr"):
+            raise InvalidAdapterError(
+                f"{rec.sources['dora_scale']}: DoRA on a {rec.kind} module whose factors only fit {path} "
+                f"{tuple(kernel_shape)} as a whole delta is not supported."
+            )
+        fields["magnitude"] = layout._magnitude(rec, "dora_scale", kernel_shape, path)
+        fields["strength"] = "comfyui"
+        return leaf, fields
+
+    return build
