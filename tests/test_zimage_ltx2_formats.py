@@ -117,6 +117,12 @@ def z_dm_kohya(path, base):
                       up="lora_up.weight", alpha=6.0, seed=1)
 
 
+def z_peft_internal(path, base):
+    """PEFT's in-memory names (`lora_A.default.weight`) under `diffusion_model.`, with `.alpha`."""
+    modules = {f"diffusion_model.{m}": m for m in Z_MODULES[:8]}
+    return _lora_file(path, base, modules, down="lora_A.default.weight", up="lora_B.default.weight", alpha=3.0, seed=8)
+
+
 def z_kohya(path, base):
     """`lora_unet_layers_0_attention_to_q.lora_down.weight` + `.alpha`; the bare `attention_out` is `to_out.0`."""
     names = {_z_kohya_name(m): m for m in Z_MODULES if m != "layers.0.attention.to_out.0"}
@@ -182,7 +188,7 @@ def _peft_part(component, model_spec, targets, r, alpha, lora_seed):
     return dict(component=component, **model_spec, r=r, alpha=alpha, targets=targets, lora_seed=lora_seed)
 
 
-Z_LAYOUTS = {"dm_kohya": z_dm_kohya, "kohya": z_kohya, "dotted_qkv": z_dotted, "lokr": z_lokr}
+Z_LAYOUTS = {"dm_kohya": z_dm_kohya, "kohya": z_kohya, "dotted_qkv": z_dotted, "lokr": z_lokr, "peft_internal": z_peft_internal}
 
 
 # (out, in) of the weights the hand-written files adapt, from the configs above; the reference run checks them
@@ -339,6 +345,7 @@ Z_EXPECTED = {
                      "layers.0.attention.to_out.0", "layers.0.feed_forward.w1", "noise_refiner.0.attention.to_q",
                      "noise_refiner.0.attention.to_k"},
     "z_lokr": {"layers.0.attention.to_q", "layers.0.attention.to_v", "layers.0.feed_forward.w1"},
+    "z_peft_internal": set(Z_MODULES[:8]),
 }
 Z_FORMATS: dict = {}  # diffusers-named (transformer.) Z-Image files are z_image too: no Lumina-2 rename
 
