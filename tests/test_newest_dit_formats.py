@@ -397,3 +397,24 @@ def test_minimax_h3_header_alpha_scales_every_module(results):
     got = flatten(jlora.fuse(nested(base), plain["transformer"], SCALE))
     for leaf in expected_paths(CASES["minimax_h3_header_alpha"]):
         np.testing.assert_allclose(want[leaf] - base[leaf], 2.5 * (got[leaf] - base[leaf]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["flux3", "krea2", "anima"])  # ACE-Step trainers write PEFT factor names
+def test_kohya_factor_names_with_alpha(name, results):
+    """The same files with `lora_down` / `lora_up` and an `.alpha` of 2 per module (diffusers reads these layouts
+    only with lora_A / lora_B): reference = the format's math, base + alpha / rank x diffusers' fused delta."""
+    case = CASES[name]
+    path, _, base, want, _ = results[name]
+    tensors = {}
+    for k, v in jlora.lora_state_dict(path).items():
+        k = k.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight")
+        tensors[k] = v
+        if k.endswith(".lora_down.weight"):
+            tensors[k[: -len("lora_down.weight")] + "alpha"] = np.float32(2.0)
+    assert_detected(tensors, case.fmt)
+    adapters, report = jlora.load_lora_weights(tensors, {case.component: nested(base)}, family=case.family,
+                                               return_report=True)
+    assert_report_complete(report, tensors, case.fmt)
+    got = flatten(jlora.fuse(nested(base), adapters[case.component], SCALE))
+    expected = {p: base[p] + 2.0 / RANK * (want[p] - base[p]) for p in want}
+    assert assert_fused_equal(got, expected, base) == expected_paths(case)
