@@ -257,8 +257,8 @@ def _diffsynth_h3_split(rec: Record) -> list[Record]:
         if rows % (3 * H3_HEAD_DIM):
             raise InvalidAdapterError(
                 f"{rec.sources['up']}: {rows} output rows are not a multiple of 3 x {H3_HEAD_DIM}; a DiffSynth "
-                f"MiniMax-H3 qkv is per-head interleaved with {H3_HEAD_DIM}-wide heads. Pass format='minimax_h3' "
-                "if its rows are already [q; k; v]."
+                f"MiniMax-H3 qkv is per-head interleaved with {H3_HEAD_DIM}-wide heads (the released models' width); "
+                "is this LoRA for another model?"
             )
         order = np.arange(rows).reshape(-1, 3, H3_HEAD_DIM).transpose(1, 0, 2).reshape(-1)
         rec = dataclasses.replace(rec, tensors={r: (t[order] if r in ("up", "up_bias") else t)
