@@ -252,6 +252,8 @@ def ref(tmp_path_factory):
                                   lambda s: f"diffusion_model.{s}", rng)
     files["lokr_lycoris"] = lokr_file(tmp / "lokr_lycoris.safetensors", sd, {m: (m,) for m in LOKR_LYCORIS},
                                       lambda m: "lycoris_" + m.replace(".", "_"), rng)
+    files["lokr_bare"] = lokr_file(tmp / "lokr_bare.safetensors", sd, {m: (m,) for m in LOKR_LYCORIS}, lambda m: m,
+                                   np.random.default_rng(5))
     # jlora's LoKr adapters (read from the LyCORIS file onto the model's shapes) saved by jlora, for diffusers.
     lokr_adapter = jlora.load_lora(files["lokr_lycoris"], jlora.abstract_params(index), "transformer")
     files["lokr_saved"] = jlora.save_lora_weights(tmp / "saved", {"transformer": lokr_adapter})
@@ -369,6 +371,15 @@ def test_lokr_lycoris(ref):
     assert changed == {kernel(m) for m in LOKR_LYCORIS}
     assert_complete(report, jlora.lora_state_dict(ref["files"]["lokr_lycoris"]), "lycoris_prefixed")
     assert {p.leaf for p in report.placed} == {"lokr"}
+
+
+def test_lokr_bare_diffusers_names(ref):
+    """LoKr on bare dotted diffusers names with `.alpha` (SimpleTuner's export; diffusers bakes alpha / rank)."""
+    want, _ = ref["lokr_bare"]
+    got, report, _ = jlora_fused(ref["files"]["lokr_bare"], ref["base"])
+    changed, _ = assert_fused_equal(got, want, ref["base"])
+    assert changed == {kernel(m) for m in LOKR_LYCORIS}
+    assert_complete(report, jlora.lora_state_dict(ref["files"]["lokr_bare"]), "diffusers_lokr")
 
 
 def test_lokr_saved_by_jlora_reloads_in_diffusers(ref):

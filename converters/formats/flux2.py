@@ -5,7 +5,8 @@
   prefix; `lora_down` / `lora_up` + `.alpha`; LyCORIS LoKr `lokr_w1`, `lokr_w2_a`, ... + `.alpha`).
 * `kohya_flux2`: the same names underscored under `lora_unet_` (`lora_unet_double_blocks_0_img_attn_qkv`).
 * `diffusers_lokr`: PEFT LoKr keys as diffusers loads them and `jlora.save_lora_weights` writes them,
-  `transformer.{diffusers module}.lokr_w1` / `lokr_w2` (optionally decomposed, with `.alpha`).
+  `transformer.{diffusers module}.lokr_w1` / `lokr_w2`; also bare dotted module names with decomposed factors and
+  `.alpha` (SimpleTuner exports).
 * `lycoris_prefixed`: LyCORIS networks wrapped around a diffusers model, `lycoris_` + the diffusers module
   name underscored (`lycoris_transformer_blocks_0_attn_to_q.lokr_w1`), resolved against the target's modules.
 
@@ -190,13 +191,21 @@ LYCORIS_PREFIXED = register_format(
     )
 )
 _LOKR_ROLES = {k: v for k, v in kohya.ROLES.items() if k.startswith("lokr_") or k == "alpha"}
-_COMPONENT = r"(?P<component>" + "|".join(PEFT_COMPONENTS) + r")\."
+# `transformer.` (or another component) and a dotted diffusers module name; bare dotted names too (SimpleTuner).
+LOKR_KEY = re.compile(r"(?:(?P<component>" + "|".join(PEFT_COMPONENTS) + r")\.)?"
+                      r"(?P<module>[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)+?)\." + dit._role_pattern(_LOKR_ROLES))
+
+
+def is_diffusers_lokr(keys: frozenset[str]) -> bool:
+    return any(".lokr_" in k for k in keys) and all(LOKR_KEY.fullmatch(k) for k in keys)
+
+
 DIFFUSERS_LOKR = register_format(
     Format(
         name="diffusers_lokr",
-        rules=(Rule(_COMPONENT + r"(?P<module>[A-Za-z0-9_.]+?)\." + dit._role_pattern(_LOKR_ROLES), "{role}"),),
-        detect=lambda keys: any(".lokr_" in k for k in keys) and all(re.match(_COMPONENT, k) for k in keys),
+        rules=(Rule(LOKR_KEY.pattern, "{role}"),),
+        detect=is_diffusers_lokr,
         roles=_LOKR_ROLES,
-        description="PEFT LoKr in diffusers names (transformer.transformer_blocks.0.attn.to_q.lokr_w1)",
+        description="PEFT LoKr in diffusers names (transformer.transformer_blocks.0.attn.to_q.lokr_w1, or bare + .alpha)",
     )
 )
