@@ -475,3 +475,18 @@ def test_tucker_lokr_on_a_split_qkv_is_a_typed_error(tmp_path):
     params = jlora.abstract_params(architectures.flux2_index(CONFIG))
     with pytest.raises(InvalidAdapterError, match=r"img_attn\.qkv.*cannot be split"):
         jlora.load_lora(path, params, "transformer")
+
+
+def test_saving_lora_and_lokr_leaves_in_one_file_is_a_typed_error(ref, tmp_path):
+    """diffusers reads a file with any LoKr key as LoKr only, so one component's LoRA and LoKr leaves are refused."""
+    import jax
+
+    from jlora.leaf import is_adapter_leaf
+
+    params = jlora.abstract_params(architectures.flux2_index(CONFIG))
+    lora = jlora.load_lora(ref["files"]["ai_toolkit"], params, "transformer")
+    lokr = jlora.load_lora(ref["files"]["lokr_lycoris"], params, "transformer")
+    mixed = jax.tree.map(lambda a, b: a if a is not None else b, lokr, lora, is_leaf=is_adapter_leaf)
+    with pytest.raises(jlora.JloraError, match="LoRA and LoKr leaves cannot share"):
+        jlora.save_lora_weights(tmp_path, {"transformer": mixed})
+    assert not list(tmp_path.iterdir())
