@@ -386,3 +386,78 @@ def test_saved_loha_lokr_reload_in_lycoris(networks, tmp_path, dora):
         for scale in (1.0,) if dora else SCALES:
             got = R.flax_forward(ref, _apply(ref.flax_params, adapters[component], scale, dora_strength="lycoris"))
             _check(ref, got, _lycoris_out(reloaded, component, scale), f"saved {component} s={scale}")
+
+
+# --------------------------------------------------------------------------------------------
+# Malformed modules: reported one by one with strict=False, typed errors otherwise
+# --------------------------------------------------------------------------------------------
+
+BROKEN = {
+    # module key prefix -> (tensor suffix, how it is broken, text the reason names)
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": ("a2.weight", lambda t: t[:, :-1], "GLoRA"),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2": ("oft_blocks", lambda t: t[..., :-1], "square"),
+    "lora_unet_down_blocks_0_attentions_0_proj_in": ("rescale", lambda t: t[:-2], "rescale"),
+    "lora_unet_up_blocks_1_resnets_0_conv1": ("on_input", lambda t: torch.tensor(3), "on_input"),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ("weight", lambda t: t[:-4], "output channels"),
+}
+
+
+def test_malformed_modules_are_reported_and_the_rest_loads(networks, tmp_path):
+    """One broken module per new kind (GLoRA factors that do not chain, non-square OFT blocks, a rescale of
+    the wrong size, an IA3 on_input that is not 0/1, an IA3 weight that does not fit its layer): strict=False
+    reports each (key, shapes, reason) and loads every other module; strict=True raises a typed error."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(networks("mixed")["path"]))
+    for prefix, (suffix, breaks, _) in BROKEN.items():
+        key = f"{prefix}.{suffix}"
+        tensors[key] = breaks(tensors[key]).contiguous()
+    path = tmp_path / "broken.safetensors"
+    save_file(tensors, str(path))
+    params = {c: _refs()[c].flax_params for c in COMPONENTS}
+    with pytest.raises(jlora.errors.JloraError):
+        jlora.load_lora_weights(path, params)
+    with pytest.warns(UserWarning):
+        adapters, report = jlora.load_lora_weights(path, params, strict=False, return_report=True)
+    for prefix, (suffix, _, reason) in BROKEN.items():
+        key = f"{prefix}.{suffix}"
+        module_keys = {k for k in tensors if k.startswith(prefix + ".")}
+        assert module_keys <= set(report.malformed) | set(report.unplaced), (key, report.summary())
+        why = {**report.unplaced, **report.malformed}[key]
+        assert reason in why and key.split(".")[0] in why, why
+    expected = len(NETWORKS["mixed"][3]) - len(BROKEN)
+    assert len({p.module for p in report.placed}) == expected
+    assert sum(map(jlora.count, adapters.values())) == jlora.count(networks("mixed")["adapters"]["unet"]) + \
+        jlora.count(networks("mixed")["adapters"]["text_encoder"]) - len(BROKEN)
+
+
+def test_glora_tucker_matches_lycoris_formula(networks, tmp_path):
+    """GLoRA with a Tucker core `bm.weight` (LyCORIS 4.1.3 reads it but its network never makes one: its
+    `use_tucker` test needs a 1x1 and a larger kernel at once). Reference: LyCORIS's own GLoRA weight
+    function `lycoris.modules.glora._glora_weight` on the same tensors, W + s * that."""
+    from lycoris.modules.glora import _glora_weight
+    from safetensors.torch import load_file, save_file
+
+    module = "down_blocks.0.resnets.0.conv1"
+    prefix = "lora_unet_" + module.replace(".", "_")
+    tensors = {k: v for k, v in load_file(str(networks("mixed")["path"])).items() if k.startswith(prefix + ".")}
+    gen = torch.Generator().manual_seed(3)
+    r, n_in = tensors[f"{prefix}.b2.weight"].shape[:2]
+    tensors[f"{prefix}.b2.weight"] = 0.5 * torch.randn((r, n_in, 1, 1), generator=gen)
+    tensors[f"{prefix}.bm.weight"] = 0.5 * torch.randn((r, r, 3, 3), generator=gen)
+    path = tmp_path / "glora_tucker.safetensors"
+    save_file(tensors, str(path))
+    ref = _refs()["unet"]
+    adapter, report = jlora.load_lora(path, ref.flax_params, "unet", return_report=True)
+    assert [p.algorithm for p in report.placed] == ["glora+tucker"]
+    w = ref.torch_model.state_dict()[f"{module}.weight"]
+    t = {k.split(".", 1)[1]: v for k, v in tensors.items()}
+    gamma = float(t["alpha"]) / r
+    delta = _glora_weight(w, t["a1.weight"], t["a2.weight"], t["b1.weight"], t["b2.weight"], t["bm.weight"], gamma)
+    sd = dict(ref.torch_model.state_dict())
+    sd[f"{module}.weight"] = w + FUSE_SCALE * delta
+    want = _flat(R.torch_state_dict_to_flax(ref, sd))
+    got = _flat(jlora.fuse(ref.flax_params, adapter, FUSE_SCALE))
+    key = "['down_blocks_0']['resnets_0']['conv1']['kernel']"
+    assert np.abs(got[key] - want[key]).max() <= 1e-5 * np.abs(want[key]).max()
+    assert np.abs(want[key] - _flat(ref.flax_params)[key]).max() > 0.1 * np.abs(want[key]).max()
