@@ -45,7 +45,7 @@ def save_adapters(path: str | os.PathLike, adapters: Mapping[str, PyTree]) -> st
                 value = getattr(leaf, f.name)
                 if f.metadata.get("static"):
                     statics[f.name] = value
-                else:
+                elif value is not None:  # an optional field left unset (a LoHa/LoKr without DoRA magnitude)
                     tensors[f"{name}/{f.name}"] = to_host(value)
             layout[name] = {"kind": kind, "static": statics}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -76,6 +76,8 @@ def _leaf(path, name: str, spec, tensors: Mapping[str, np.ndarray]):
         if f.metadata.get("static"):
             continue
         key = f"{name}/{f.name}"
+        if key not in tensors and f.default is None:
+            continue  # optional field (default None)
         if key not in tensors:
             raise CorruptFileError(f"{path}: {spec['kind']} leaf {name} has no tensor {key!r}.")
         value = np.asarray(tensors[key])
@@ -84,7 +86,8 @@ def _leaf(path, name: str, spec, tensors: Mapping[str, np.ndarray]):
                 raise InvalidAdapterError(f"{path}: tensor {key!r} has non-finite values.")
         fields[f.name] = jnp.asarray(value)
     try:
-        return cls(**fields, **spec.get("static", {}))
+        static = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("static", {}).items()}  # JSON lists
+        return cls(**fields, **static)
     except TypeError as e:
         raise CorruptFileError(f"{path}: {name}: static fields {spec.get('static')!r} do not fit a {spec['kind']} leaf "
                                f"({e}).") from None
@@ -93,7 +96,8 @@ def _leaf(path, name: str, spec, tensors: Mapping[str, np.ndarray]):
 def _check_leaf_shape(path, name: str, leaf, weight) -> None:
     want = tuple(np.shape(weight))
     try:
-        got = tuple(jax.eval_shape(leaf.delta).shape)
+        multiplicative = leaf.invertible and not leaf.additive  # IA3, GLoRA, OFT, BOFT: no delta without W
+        got = tuple(leaf.shape) if multiplicative else tuple(jax.eval_shape(leaf.delta).shape)
     except (TypeError, ValueError) as e:
         fields = {f.name: tuple(np.shape(getattr(leaf, f.name))) for f in dataclasses.fields(leaf)
                   if not f.metadata.get("static")}

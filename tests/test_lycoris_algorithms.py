@@ -461,3 +461,19 @@ def test_glora_tucker_matches_lycoris_formula(networks, tmp_path):
     key = "['down_blocks_0']['resnets_0']['conv1']['kernel']"
     assert np.abs(got[key] - want[key]).max() <= 1e-5 * np.abs(want[key]).max()
     assert np.abs(want[key] - _flat(ref.flax_params)[key]).max() > 0.1 * np.abs(want[key]).max()
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_adapter_file_round_trip(networks, tmp_path, name):
+    """jlora's own adapter files keep the new leaves (static kernel shapes, DoRA magnitudes and strength):
+    saved and loaded back, they merge to the same weights."""
+    case = networks(name)
+    path = jlora.save_adapters(tmp_path / "a.safetensors", case["adapters"])
+    params = {c: _refs()[c].flax_params for c in COMPONENTS}
+    back = jlora.load_adapters(path, params)
+    for c in COMPONENTS:
+        want = _flat(jlora.fuse(params[c], case["adapters"][c], FUSE_SCALE))
+        got = _flat(jlora.fuse(params[c], back[c], FUSE_SCALE))
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+        assert jax.tree.structure(back[c], is_leaf=jlora.is_adapter_leaf) == \
+            jax.tree.structure(case["adapters"][c], is_leaf=jlora.is_adapter_leaf)
