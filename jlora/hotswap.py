@@ -17,6 +17,7 @@ compiled step.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Sequence
 
@@ -189,6 +190,16 @@ def _pad_leaf(leaf: LoraLeaf, like: LoraLeaf, path) -> LoraLeaf:
 
 def _pad_host(adapter: PyTree, template: PyTree) -> tuple[list, list, Any]:
     """(padded leaves, template leaves, treedef): new LoRAs as host arrays, the template's own leaves elsewhere."""
+    flat_a, flat_t, treedef = _checked_pair(adapter, template)
+    leaves = [
+        None if leaf is None else _pad_leaf(leaf, t, path)
+        for (path, leaf), (_, t) in zip(flat_a, flat_t)
+    ]
+    return leaves, [t for _, t in flat_t], treedef
+
+
+def _checked_pair(adapter: PyTree, template: PyTree):
+    """`(flat adapter, flat template, treedef)` after the checks every padding does."""
     flat_t, treedef = _flat(template)
     (flat_a,) = _check_structure([adapter], treedef, "pad_adapter")
     for path, leaf in flat_t:
@@ -201,11 +212,10 @@ def _pad_host(adapter: PyTree, template: PyTree) -> tuple[list, list, Any]:
             f"{outside[:5]}; build the template with targets covering them (a wider regex, or "
             "hotswap_template(params, rank, targets=[...all adapters]))."
         )
-    leaves = [
-        None if leaf is None else _pad_leaf(_require_lora(leaf, path, "pad_adapter"), t, path)
-        for (path, leaf), (_, t) in zip(flat_a, flat_t)
-    ]
-    return leaves, [t for _, t in flat_t], treedef
+    for path, leaf in flat_a:
+        if leaf is not None:
+            _require_lora(leaf, path, "pad_adapter")
+    return flat_a, flat_t, treedef
 
 
 def _device_put_like(arrays: list, like: list) -> list:
@@ -222,7 +232,48 @@ def _device_put_like(arrays: list, like: list) -> list:
     return out
 
 
-def pad_adapter(adapter: PyTree, template: PyTree) -> PyTree:
+def _fit(leaf: LoraLeaf, like: LoraLeaf, path) -> None:
+    """The checks of `_pad_leaf`, without padding."""
+    if leaf.shape != like.shape or _is_stacked(leaf) != _is_stacked(like):
+        _pad_leaf(leaf, like, path)  # raises the shape error
+    if leaf.rank > like.rank:
+        raise _rank_error("pad_adapter", path, leaf, like.rank)
+
+
+def _padded_into(like: LoraLeaf, leaf: LoraLeaf | None) -> LoraLeaf:
+    """`leaf` zero-padded to `like`'s rank, written over `like`'s arrays (zeros where `leaf` is None)."""
+    if leaf is None:
+        return LoraLeaf(a=like.a.at[...].set(0), b=like.b.at[...].set(0), alpha=like.alpha.at[...].set(like.rank))
+    r, rank = leaf.rank, like.rank
+    a = like.a.at[..., :r].set(leaf.a.astype(like.a.dtype)).at[..., r:].set(0)
+    b = like.b.at[..., :r, :].set(leaf.b.astype(like.b.dtype)).at[..., r:, :].set(0)
+    alpha = like.alpha.at[...].set(jnp.broadcast_to(jnp.asarray(leaf.alpha, jnp.float32) * (rank / r), like.alpha.shape))
+    return LoraLeaf(a=a, b=b, alpha=alpha.astype(like.alpha.dtype))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _pad_donating(like: list, leaves: list) -> list:
+    return [_padded_into(t, leaf) for t, leaf in zip(like, leaves)]
+
+
+def _pad_in_place(adapter: PyTree, template: PyTree) -> PyTree:
+    flat_a, flat_t, treedef = _checked_pair(adapter, template)
+    pos = [i for i, (_, t) in enumerate(flat_t) if t is not None]
+    for i in pos:
+        if flat_a[i][1] is not None:
+            _fit(flat_a[i][1], flat_t[i][1], flat_a[i][0])
+    for i in pos:
+        if not isinstance(flat_t[i][1].a, jax.Array):
+            raise InvalidAdapterError("pad_adapter(donate=True): the template's factors must be device arrays "
+                                      "(jlora.hotswap_template or an adapter padded before).")
+    new = _pad_donating([flat_t[i][1] for i in pos], [flat_a[i][1] for i in pos])
+    out = [t for _, t in flat_t]
+    for i, leaf in zip(pos, new):
+        out[i] = leaf
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def pad_adapter(adapter: PyTree, template: PyTree, *, donate: bool = False) -> PyTree:
     """`adapter` with exactly the template's structure, shapes and dtypes (the hotswap step).
 
     Each LoRA of rank r is zero-padded to the template's rank R on its rank axis, its alpha
@@ -237,8 +288,17 @@ def pad_adapter(adapter: PyTree, template: PyTree) -> PyTree:
       ShapeMismatchError: a rank above the template's, or a kernel of another shape.
       InvalidAdapterError: a non-LoRA leaf (LoHa, LoKr, DoRA, diff, set), or another tree structure.
 
+    With `donate=True` the padding runs on the device into the template's own buffers: the template's
+    arrays are consumed (deleted) and the result's factors occupy their memory, so a swap allocates
+    nothing new. Pass the adapter being replaced as the template of the next swap (every adapter
+    padded to one template has its structure): `current = pad_adapter(new, current, donate=True)`.
+    The first swap of each rank layout compiles once.
+
     >>> y = step(params, jlora.pad_adapter(jlora.load_lora(path, params, "unet"), template), 0.8, *x)
+    >>> current = jlora.pad_adapter(jlora.load_lora(path, params, "unet"), current, donate=True)
     """
+    if donate:
+        return _pad_in_place(adapter, template)
     leaves, like, treedef = _pad_host(adapter, template)
     new = [(i, leaf, like[i]) for i, leaf in enumerate(leaves) if leaf is not None]
     arrays = [x for _, leaf, _ in new for x in (leaf.a, leaf.b, leaf.alpha)]

@@ -4,6 +4,7 @@ Every figure is a ratio measured in this one run, on this machine:
 
     python scripts/bench.py                 # SD-1.5-shaped UNet at reduced width (default)
     python scripts/bench.py --size tiny     # the test-suite UNet, seconds
+    python scripts/bench.py --size medium   # SD-1.5 at half width, 48x48 latents (SD-1.5's 768-d context)
     python scripts/bench.py --size sd15     # full SD-1.5 width (needs ~16 GB RAM, minutes on CPU)
     python scripts/bench.py --kohya-sdxl    # loading a real-size SDXL kohya file (~190 MB fp16, ~10 GB RAM)
     python scripts/bench.py --serving       # hotswap into a warm jitted step; K LoRAs per sample in one call
@@ -56,6 +57,7 @@ import reference as R  # noqa: E402
 SIZES = {
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=(2, 4), sample_size=16),
     "small": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=256, attention_head_dim=8, sample_size=32),
+    "medium": dict(block_out_channels=(160, 320, 640, 640), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, sample_size=48),
     "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, sample_size=64),
 }
 
@@ -76,6 +78,27 @@ def _time(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = ["wall"]  # --clock: the interleaved step rows measure wall time or this process's CPU time
+
+
+def _time_interleaved(fns: dict, repeat: int) -> dict:
+    """`{name: ms}`: the fastest of `repeat` rounds, each round calling every `fn` once in turn (after one
+    warm-up call each), so load from other processes on a shared machine falls on all of them alike.
+    With `--clock cpu` the figure is the CPU time of this process (all its threads), which other
+    processes on a shared machine barely change."""
+    clock = CLOCKS[CLOCK[0]]
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = clock()
+            fn()
+            times[name].append(clock() - t)
+    return {name: min(ts) * 1e3 for name, ts in times.items()}
 
 
 def _print(title: str, rows, head: tuple[str, str] = ("A ms", "B ms")) -> None:
@@ -171,6 +194,10 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="step rows: wall time, or this process's CPU time (for a shared, busy machine)")
+    parser.add_argument("--fuse-only", action="store_true", help="only the fuse vs read+write pass row")
+    parser.add_argument("--step-only", action="store_true", help="only the jitted-step rows (LoRA strategies vs base)")
     parser.add_argument("--kohya-sdxl", action="store_true", help="only the real-size SDXL kohya loading benchmark")
     parser.add_argument("--serving", action="store_true", help="only the serving benchmark (hotswap, per-sample LoRAs)")
     parser.add_argument("--loras", type=int, default=4, help="--serving/--generate: number of LoRAs K")
@@ -185,6 +212,7 @@ def main() -> None:
                         help="--generate: denoising steps (default 10); --train: optimizer steps per timing (default 5)")
     parser.add_argument("--resolution", type=int, default=64, help="--generate: image height and width")
     args = parser.parse_args()
+    CLOCK[0] = args.clock
     torch.set_grad_enabled(False)
     if args.train_side:
         side = _train_side_jax if args.train_side == "jax" else _train_side_torch
@@ -212,37 +240,21 @@ def main() -> None:
     path = R.make_peft_lora_file(tmp, [ref], rank=args.rank, alpha=args.rank * 2, pipeline="sd")
     n_modules = len({k.rsplit(".lora_", 1)[0] for k in safetensors.numpy.load_file(path)})
     rows: list[tuple[str, float, float, str]] = []
-
-    # 1. Loading the file.
-    jl = _time(lambda: jax.block_until_ready(jlora.load_lora(path, ref.flax_params, "unet")), args.repeat)
-    raw = _time(lambda: safetensors.numpy.load_file(path), args.repeat)
-
-    def diffusers_load():
-        model = copy.deepcopy(ref.torch_model)
-        t = time.perf_counter()
-        _diffusers_load(model, path)
-        return time.perf_counter() - t
-
-    dl = statistics.median(diffusers_load() for _ in range(max(2, args.repeat // 2))) * 1e3
-    rows.append(("load file -> adapter (jlora / diffusers)", jl, dl, "lower is better"))
-    rows.append(("load file -> adapter (jlora / raw safetensors read)", jl, raw, ""))
-
-    # 2. The jitted step: LoRA applied per call vs base vs fused.
+    if args.fuse_only:
+        rows += _fuse_rows(ref, jlora.load_lora(path, ref.flax_params, "unet"), args.repeat)[:1]
+        _print_unet(args, ref, path, n_modules, rows)
+        return
+    if not args.step_only:
+        rows += _load_rows(ref, path, args.repeat)
     adapter = jlora.load_lora(path, ref.flax_params, "unet")
-    fn = R.flax_apply_fn(ref)
-    base_step = jax.jit(lambda p, inp: fn(p, **inp))
-    lora_step = jax.jit(lambda p, a, s, inp: fn(jlora.apply(p, a, s), **inp))
-    inputs = ref.inputs
-    b = _time(lambda: jax.block_until_ready(base_step(ref.flax_params, inputs)), args.repeat)
-    a = _time(lambda: jax.block_until_ready(lora_step(ref.flax_params, adapter, 0.8, inputs)), args.repeat)
-    fused = jax.jit(jlora.fuse)(ref.flax_params, adapter, 0.8)
-    f = _time(lambda: jax.block_until_ready(base_step(fused, inputs)), args.repeat)
-    rows.append(("jitted step: LoRA applied per call / base", a, b, "merge inside the jitted step"))
-    rows.append(("jitted step: fused params / base", f, b, "fused params, no per-call merge"))
+    step_rows, a = _step_rows(ref, adapter, args.repeat)
+    rows += step_rows
+    if args.step_only:
+        _print_unet(args, ref, path, n_modules, rows)
+        return
 
     # 3. Fusing.
-    fuse = jax.jit(jlora.fuse)
-    jf = _time(lambda: jax.block_until_ready(fuse(ref.flax_params, adapter, 0.8)), args.repeat)
+    rows += _fuse_rows(ref, adapter, args.repeat)
     model = R.torch_model_with_lora(ref, path)
 
     def diffusers_fuse():
@@ -250,6 +262,7 @@ def main() -> None:
         model.unfuse_lora()
 
     df = _time(diffusers_fuse, args.repeat)
+    jf = rows[-2][1]
     rows.append(("fuse (jlora, jitted / diffusers fuse+unfuse)", jf, df, "diffusers figure includes unfuse"))
 
     # 4. Torch reference steps, for context.
@@ -258,12 +271,74 @@ def main() -> None:
     rows.append(("torch step: diffusers+PEFT LoRA / base", tl, tb, "PEFT's unfused overhead"))
     rows.append(("step: jlora LoRA (jax) / diffusers LoRA (torch)", a, tl, "same CPU, different frameworks"))
 
+    _print_unet(args, ref, path, n_modules, rows)
+
+
+def _print_unet(args, ref, path, n_modules, rows) -> None:
     n_params = sum(x.size for x in jax.tree.leaves(ref.flax_params))
     _print(
         f"\nUNet {args.size}: {n_params / 1e6:.1f} M params, LoRA rank {args.rank} on {n_modules} modules, "
         f"file {os.path.getsize(path) / 1e6:.1f} MB; jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}",
         rows,
     )
+
+
+def _load_rows(ref, path, repeat: int) -> list:
+    """Rows: file -> adapter, jlora vs diffusers and vs a raw safetensors read."""
+    jl = _time(lambda: jax.block_until_ready(jlora.load_lora(path, ref.flax_params, "unet")), repeat)
+    raw = _time(lambda: safetensors.numpy.load_file(path), repeat)
+
+    def diffusers_load():
+        model = copy.deepcopy(ref.torch_model)
+        t = time.perf_counter()
+        _diffusers_load(model, path)
+        return time.perf_counter() - t
+
+    dl = statistics.median(diffusers_load() for _ in range(max(2, repeat // 2))) * 1e3
+    return [("load file -> adapter (jlora / diffusers)", jl, dl, "lower is better"),
+            ("load file -> adapter (jlora / raw safetensors read)", jl, raw, "")]
+
+
+def _fuse_rows(ref, adapter, repeat: int) -> list:
+    """Rows: jlora.fuse vs one read + write pass (`x + 1`, jitted) over the same adapted weights."""
+    leaves, treedef = jax.tree_util.tree_flatten(adapter, is_leaf=lambda x: x is None or jlora.is_adapter_leaf(x))
+    weights = [w for w, leaf in zip(treedef.flatten_up_to(ref.flax_params), leaves) if leaf is not None]
+    weights = jax.device_put(weights)
+    params = jax.device_put(ref.flax_params)
+    plus_one = jax.jit(lambda ws: [w + 1 for w in ws])
+    times = _time_interleaved({"fuse": lambda: jax.block_until_ready(jlora.fuse(params, adapter, 0.8)),
+                               "pass": lambda: jax.block_until_ready(plus_one(weights))}, repeat)
+    mb = sum(w.nbytes for w in weights) / 1e6
+    return [("fuse (jlora) / x + 1 over the adapted weights", times["fuse"], times["pass"],
+             f"target <= 1.5; {len(weights)} weights, {mb:.0f} MB, {CLOCK[0]} clock"),
+            ("fuse (jlora) ms, for the row below", times["fuse"], None, "")]
+
+
+def _step_rows(ref, adapter, repeat: int):
+    """Rows: the jitted step with the LoRA per call (merge / unmerged / auto strategy) vs base and fused.
+    Returns the rows and the merged-strategy step time."""
+    fn = R.flax_apply_fn(ref)
+    context = ref.inputs["encoder_hidden_states"]
+    text = np.random.default_rng(2).standard_normal((context.shape[0], TEXT_TOKENS, context.shape[-1]))
+    inputs = dict(ref.inputs, encoder_hidden_states=text.astype(np.float32))  # CFG batch of 2, 77 text tokens
+    base_step = jax.jit(lambda p, inp: fn(p, **inp))
+    fused = jax.jit(jlora.fuse)(ref.flax_params, adapter, 0.8)
+    runs = {"base": lambda: jax.block_until_ready(base_step(ref.flax_params, inputs)),
+            "fused": lambda: jax.block_until_ready(base_step(fused, inputs))}
+    for strategy in ("merge", "unmerged", "auto"):
+        step = jax.jit(lambda p, a, s, inp, strategy=strategy: jlora.apply(p, a, s, strategy=strategy, apply_fn=fn)(**inp))
+        runs[strategy] = lambda step=step: jax.block_until_ready(step(ref.flax_params, adapter, 0.8, inputs))
+    times = _time_interleaved(runs, repeat)
+    b, f = times["base"], times["fused"]
+    plan = jlora.strategy_plan(fn, ref.flax_params, adapter, **inputs)
+    n_unmerged = sum(d.strategy == "unmerged" for d in plan.values())
+    rows = []
+    rows.append(("jitted step: LoRA merged per call / base", times["merge"], b, "strategy='merge'"))
+    rows.append(("jitted step: LoRA unmerged beside layers / base", times["unmerged"], b, "strategy='unmerged'"))
+    rows.append(("jitted step: LoRA strategy='auto' / base", times["auto"], b,
+                 f"target <= 1.05; {n_unmerged} unmerged, {len(plan) - n_unmerged} merged"))
+    rows.append(("jitted step: fused params / base", f, b, f"fused params; step rows: best of interleaved rounds, {CLOCK[0]} clock"))
+    return rows, times["merge"]
 
 
 def _serving_files(ref, rank: int, k: int) -> list:

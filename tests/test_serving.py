@@ -187,6 +187,27 @@ def test_padded_fused_weights_match_diffusers_fuse_lora(unet, files, adapters):
         assert np.abs(np.asarray(got) - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-6), jax.tree_util.keystr(kp)
 
 
+def test_donated_pad_lands_in_the_templates_buffers(unet, files, adapters):
+    """Swapping with donate=True: every factor of the result occupies the previous adapter's buffers, the
+    values equal the host padding (itself checked against diffusers' fuse_lora above), and kernels the
+    new LoRA leaves out are zero again."""
+    loaded = [adapters[n]["unet"] for n in ("full", "mixed", "attn")]
+    template = hotswap_template(unet.flax_params, TEMPLATE_RANK, targets=loaded)
+    expected = [pad_adapter(a, template) for a in loaded]
+    current = jax.tree.map(jnp.copy, template)
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(current)]
+    for adapter, want in zip(loaded, expected):
+        before = jax.tree.leaves(current)
+        current = pad_adapter(adapter, current, donate=True)
+        assert all(x.is_deleted() for x in before)
+        assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(current)] == pointers
+        assert _layout(current) == _layout(template)
+        for got, ref in zip(jax.tree.leaves(current), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    with pytest.raises(errors.ShapeMismatchError, match="rank"):
+        pad_adapter(adapters["full"]["unet"], hotswap_template(unet.flax_params, 2, targets=UNET_REGEX), donate=True)
+
+
 FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 
