@@ -17,6 +17,7 @@ import numpy as np
 
 from converters import architectures, engine, read_state_dict
 from converters.convert import convert as _convert
+from converters.convert import target_modules
 from converters.errors import JloraError, KeyMismatchError, ModelFileNotFoundError, UnsupportedModelError
 from converters.formats.peft import component_config, parse_metadata
 from converters.guess import guess_family as _guess
@@ -96,6 +97,12 @@ def check_file(path: str, *, family: str | None = None, allow_pickle: bool = Fal
         )
         return out
     try:
+        # Keys several families share (Flux.1 and Flux.2 BFL names) are read as the targets' family's.
+        for_targets = engine.matching_formats(tensors.keys(), target_modules(targets))
+        if len(for_targets) == 1 and for_targets[0].name != fmt.name:
+            fmt = for_targets[0]
+            out["records"], out["unmatched"] = engine.build_records(fmt, tensors)
+            out["format"] = fmt.name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _, out["report"] = _convert(tensors, header, targets, strict=False, origin=origin)

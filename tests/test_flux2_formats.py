@@ -415,7 +415,7 @@ def test_flux2_index_matches_the_model(ref):
     assert {p: s for p, (s, _) in index.items()} == {p: a.shape for p, a in ref["base"].items()}
 
 
-def _dev_file(path, cfg, rng) -> str:
+def _dev_file(path, cfg, rng, markers: bool = True) -> str:
     """A rank-1 ai-toolkit Flux.2 file at a released model's widths (for `inspect`, no weights needed)."""
     index = architectures.flux2_index(cfg)
     shape = lambda m: index[kernel(m)][0]  # noqa: E731  (in, out)
@@ -426,6 +426,8 @@ def _dev_file(path, cfg, rng) -> str:
         "double_stream_modulation_img.lin": shape("double_stream_modulation_img.linear"),
         "final_layer.adaLN_modulation.1": shape("norm_out.linear"),
     }
+    if not markers:  # only names Flux.1 has too
+        del sources["double_stream_modulation_img.lin"]
     tensors = {}
     for src, (n_in, n_out) in sources.items():
         tensors[f"diffusion_model.{src}.lora_A.weight"] = rng.standard_normal((1, n_in))
@@ -440,7 +442,7 @@ def fits(info: dict) -> bool:
 
 def test_inspect_flux2_files(tmp_path, capsys):
     """`jlora inspect` knows Flux.2 dev and klein shapes: a dev file fits dev (family from the format) and not
-    klein 4B; a klein 4B file fits klein 4B."""
+    klein 4B; a klein 4B file fits klein 4B; a file of names Flux.1 shares is read as Flux.2 with `--family flux2`."""
     rng = np.random.default_rng(1)
     dev = _dev_file(tmp_path / "dev.safetensors", architectures.FLUX2_DEV, rng)
     info = inspect_file(dev)
@@ -450,6 +452,10 @@ def test_inspect_flux2_files(tmp_path, capsys):
     klein = _dev_file(tmp_path / "klein.safetensors", architectures.FLUX2_KLEIN_4B, rng)
     assert fits(inspect_file(klein, family="flux2_klein_4b"))
     assert not fits(inspect_file(klein, family="flux2"))
+    plain = _dev_file(tmp_path / "plain.safetensors", architectures.FLUX2_DEV, rng, markers=False)
+    assert inspect_file(plain)["format"] == "comfy_flux"  # by its keys alone a Flux.1 file
+    info = inspect_file(plain, family="flux2")
+    assert info["format"] == "flux2" and fits(info) and info["weights"] == 5, info.get("error")
     assert main(["inspect", klein, "--family", "flux2_klein_4b", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["family"] == "flux2_klein_4b"
     # dev widths: hidden 6144, single-block fused projection 3 * 6144 + 2 * 18432 rows, shared modulation 6 * 6144
