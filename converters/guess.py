@@ -15,7 +15,7 @@ _MARKERS = (
                          r"transformer:single_blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|mlp_in|mlp_out)$")),
     ("krea2", re.compile(r"transformer:(text_fusion|txtfusion)\.|transformer:blocks\.\d+\.attn\.w[qkvo]$")),
     ("ideogram4", re.compile(r"transformer:(layers\.\d+\.(attention\.o|adaln_modulation)|llm_cond_proj|adaln_proj)$")),
-    ("minimax_h3", re.compile(r"transformer:(token_refiner[._](refiner_)?blocks|(transformer_)?blocks[._]\d+[._]"
+    ("minimax_h3", re.compile(r"transformer(_ref)?:(token_refiner[._](refiner_)?blocks|(transformer_)?blocks[._]\d+[._]"
                               r"(attn[._]qkv_proj|adaln_proj))")),
     ("anima", re.compile(r"text_conditioner:|transformer:blocks\.\d+\.(adaln_modulation_|mlp\.layer)")),
     ("cosmos", re.compile(r"transformer:transformer_blocks\.\d+\.norm[123]\.linear_[12]$")),

@@ -257,6 +257,8 @@ def ref(tmp_path_factory):
     # jlora's LoKr adapters (read from the LyCORIS file onto the model's shapes) saved by jlora, for diffusers.
     lokr_adapter = jlora.load_lora(files["lokr_lycoris"], jlora.abstract_params(index), "transformer")
     files["lokr_saved"] = jlora.save_lora_weights(tmp / "saved", {"transformer": lokr_adapter})
+    lora_adapter = jlora.load_lora(files["ai_toolkit"], jlora.abstract_params(index), "transformer")
+    files["lora_saved"] = jlora.save_lora_weights(tmp / "saved_lora", {"transformer": lora_adapter})
     dotted_path = write(tmp / "dotted_kohya.safetensors", dotted)
     names = [n for n in files if n != "peft"]
     files["dotted_kohya"] = dotted_path  # no diffusers case: its reference is the kohya file's
@@ -319,6 +321,15 @@ def test_bfl_names_without_flux2_markers(ref):
     changed, _ = assert_fused_equal(got, want, ref["base"])
     assert changed == expected(BFL)
     assert_complete(report, keys, "flux2")
+
+
+def test_lora_saved_by_jlora_reloads_in_diffusers(ref):
+    """The ai-toolkit file as jlora reads it, saved by `save_lora_weights` (diffusers names, q/k/v pieces as their own
+    modules, final modulation already in diffusers' order): diffusers reads it to the weights jlora fuses."""
+    want, _ = ref["lora_saved"]
+    got, _, _ = jlora_fused(ref["files"]["ai_toolkit"], ref["base"])
+    changed, _ = assert_fused_equal(got, want, ref["base"])
+    assert changed == expected(ALL)
 
 
 def kohya_want(ref) -> dict:

@@ -196,6 +196,10 @@ CASES = {
     "minimax_h3_peft": _peft("minimax_h3", "MiniMaxH3LoraLoaderMixin", "minimax_h3", (
         "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.ff.net.0.proj",
         "token_refiner.refiner_blocks.0.attn.to_k", "transformer_blocks.0.adaln_proj.linear", "proj_out")),
+    # the second partition's own file (diffusers: `transformer_ref.` keys go to `transformer_ref`)
+    "minimax_h3_ref_peft": _peft("minimax_h3", "MiniMaxH3LoraLoaderMixin", "minimax_h3", (
+        "transformer_blocks.0.attn.to_k", "transformer_blocks.0.ff.net.2", "transformer_blocks.0.adaln_proj.linear"),
+        "transformer_ref"),
     # a peft dump: diffusers names with PEFT's adapter name and no component prefix (no metadata: alpha = rank)
     "minimax_h3_peft_dump": Case("minimax_h3", "MiniMaxH3LoraLoaderMixin", "peft", "minimax_h3", tuple(E(m, m) for m in (
         "transformer_blocks.0.attn.to_v", "transformer_blocks.0.ff.net.2", "token_refiner.refiner_blocks.0.attn.to_out.0",
