@@ -71,8 +71,16 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--model-parallel", type=int, default=1,
+                   help="size of the mesh's model axis: the denoiser's and text encoders' kernels (output axis) and "
+                        "the LoRA factors beside them split over it; the batch splits over the rest (data axis)")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host; "
+                   "on Cloud TPU pod slices, SLURM, Open MPI and Kubernetes it finds the cluster itself)")
+    p.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0 (plain machines)")
+    p.add_argument("--num-processes", type=int, default=None, help="with --coordinator: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process's index")
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "accumulate", "rank", "save_every", "validate_every"):
+    for name in ("steps", "batch", "accumulate", "rank", "save_every", "validate_every", "model_parallel"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -244,13 +252,18 @@ def lora_files(pipe, adapter, args) -> dict:
     return {denoiser(pipe): adapter}
 
 
-def validate(pipe, adapters, args, step: int, folder: str) -> str:
-    """A validation PNG of the LoRA at `step` (the LoRA goes through a diffusers file, as a user loads it)."""
+def validate(pipe, adapters, args, step: int, folder: str, main_process: bool = True) -> str | None:
+    """A validation PNG of the LoRA at `step` (the LoRA goes through a diffusers file, as a user loads it).
+
+    Every process takes part in gathering the factors; the main process alone writes and renders."""
     import jlora
     from jlora.pipelines import Lora, Request, common, images
 
     os.makedirs(folder, exist_ok=True)
-    path = jlora.save_lora_weights(folder, adapters, weight_name=f"{step:06d}.safetensors")
+    path = jlora.save_lora_weights(folder, adapters, weight_name=f"{step:06d}.safetensors",
+                                   is_main_process=main_process)
+    if not main_process:
+        return None
     pics = pipe.generate([Request(args.validation_prompt, loras=(Lora(path),), seed=args.seed,
                                   steps=args.validation_steps, width=args.resolution, height=args.resolution)])
     out = os.path.join(folder, f"{step:06d}.png")
@@ -258,18 +271,70 @@ def validate(pipe, adapters, args, step: int, folder: str) -> str:
     return out
 
 
+def param_shardings(params, mesh):
+    """Each kernel's output axis split over `model` when it divides; everything else replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    size = mesh.shape["model"]
+
+    def spec(x):
+        if size == 1 or x.ndim < 2 or x.shape[-1] % size:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, P(*([None] * (x.ndim - 1)), "model"))
+
+    return jax.tree.map(spec, params)
+
+
+def put_global(tree, shardings):
+    """Host values (the same on every process) as global arrays with `shardings` (works across hosts)."""
+    import jax
+    import numpy as np
+
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def make_mesh(args):
+    """("data", "model") over every device; `--batch` must split over the data axis."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from jlora.errors import JloraError
+
+    n = jax.device_count()
+    if n % args.model_parallel:
+        raise JloraError(f"--model-parallel {args.model_parallel} does not divide the {n} devices.")
+    data = n // args.model_parallel
+    if args.batch % data:
+        if args.model_parallel == 1 and jax.process_count() == 1:  # a batch too small for every device: one device
+            return Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+        raise JloraError(f"--batch {args.batch} does not split over the data axis of {data} devices "
+                         f"({n} devices / --model-parallel {args.model_parallel}).")
+    return Mesh(np.array(jax.devices()).reshape(data, args.model_parallel), ("data", "model"))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     import jlora
     from jlora import data, objectives, training
     from jlora.errors import JloraError
     from jlora.pipelines import load_pipeline
 
+    if args.distributed:
+        cluster = {k: v for k, v in (("coordinator_address", args.coordinator), ("num_processes", args.num_processes),
+                                     ("process_id", args.process_id)) if v is not None}
+        jax.distributed.initialize(**cluster)
+    main_process = jax.process_index() == 0
+    say = print if main_process else (lambda *a, **k: None)
     try:
         pipe = load_pipeline(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None)
         if pipe.family == "flux":
@@ -281,15 +346,15 @@ def main(argv=None) -> int:
             raise JloraError(f"{args.data}: {len(examples)} examples, fewer than --batch {args.batch}.")
         if args.text_encoder_lr is not None and not args.train_text_encoder:
             raise JloraError("--text-encoder-lr needs --train-text-encoder.")
+        mesh = make_mesh(args)
     except (JloraError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    if args.batch % mesh.shape["data"]:
-        mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     images_fn, captions_fn = encoders(pipe)
-    cache = data.cache_latents(examples, images_fn, captions_fn, os.path.join(args.out, "cache.safetensors"),
+    # every process encodes the same examples on its own devices (one cache file each when several share OUT)
+    cache_name = "cache.safetensors" if jax.process_count() == 1 else f"cache.process{jax.process_index()}.safetensors"
+    cache = data.cache_latents(examples, images_fn, captions_fn, os.path.join(args.out, cache_name),
                                resolution=args.resolution, seed=args.seed, key=f"{os.path.abspath(args.model)}|ids",
                                center_crop=args.center_crop, random_flip=args.random_flip,
                                flip_before_crop=pipe.family in ("sdxl", "flux"))
@@ -302,16 +367,19 @@ def main(argv=None) -> int:
         scaling, shift, flow = pipe.vae_scaling_factor, 0.0, None
         alphas = objectives.alphas_cumprod(pipe.scheduler_config)
 
-    replicated = NamedSharding(mesh, P())
-    params = jax.device_put(pipe.params[denoiser(pipe)], replicated)
+    def place(tree):
+        return put_global(tree, param_shardings(tree, mesh))
+
+    params = place(pipe.params[denoiser(pipe)])
     adapter = jlora.init_adapter(params, jax.random.key(args.seed), rank=args.rank, alpha=args.alpha,
                                  targets=args.targets or DEFAULT_TARGETS[pipe.family])
     if args.train_text_encoder:
         params, adapter = {denoiser(pipe): params}, {denoiser(pipe): adapter}
         for i, name in enumerate(text_encoders(pipe)):
-            params[name] = jax.device_put(pipe.params[name], replicated)
+            params[name] = place(pipe.params[name])
             adapter[name] = jlora.init_adapter(params[name], jax.random.fold_in(jax.random.key(args.seed), i + 1),
                                                rank=args.rank, alpha=args.alpha, targets=TEXT_ENCODER_TARGETS)
+    adapter = jlora.shard_adapter(adapter, params)
     tx = optimizer(args)
     opt_state = training.init_opt_state(tx, adapter)
     ckpt = os.path.join(args.out, "checkpoints")
@@ -319,16 +387,19 @@ def main(argv=None) -> int:
     if args.resume and training.latest_step(ckpt) is not None:
         state = training.restore_checkpoint(ckpt, {"adapter": adapter, "opt_state": opt_state})
         adapter, opt_state, start = state["adapter"], state["opt_state"], training.latest_step(ckpt)
-        print(f"resumed from step {start}")
-    step_fn = training.make_train_step(make_loss(pipe, args, alphas), tx)
+        say(f"resumed from step {start}")
+    step_fn = training.make_train_step(make_loss(pipe, args, alphas), tx,
+                                       state_shardings=jax.tree.map(lambda x: x.sharding, (adapter, opt_state)))
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and main_process:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=args.steps, initial=start, desc="training", unit="step")
     trained = "+".join([denoiser(pipe)] + (text_encoders(pipe) if args.train_text_encoder else []))
-    print(f"{pipe.family} {trained} LoRA rank {args.rank} on {jlora.count(adapter)} kernels, {len(examples)} images, "
-          f"batch {args.batch} over {mesh.shape['data']} device(s)")
+    say(f"{pipe.family} {trained} LoRA rank {args.rank} on {jlora.count(adapter)} kernels, {len(examples)} images, "
+          f"batch {args.batch} over {mesh.shape['data']} device(s)"
+        + (f", model axis {mesh.shape['model']}" if mesh.shape["model"] > 1 else "")
+        + (f", {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     t0, losses = time.perf_counter(), []
     for step in range(start, args.steps):
         batch = data.shard_batch(step_batch(cache, order, step, args, scaling, pipe.family, shift, flow), mesh)
@@ -341,15 +412,16 @@ def main(argv=None) -> int:
         if done % args.save_every == 0 or done == args.steps:
             training.save_checkpoint(ckpt, done, {"adapter": adapter, "opt_state": opt_state}, max_to_keep=3)
         if args.validation_prompt and (done % args.validate_every == 0 or done == args.steps):
-            validate(pipe, lora_files(pipe, adapter, args), args, done, os.path.join(args.out, "validation"))
+            validate(pipe, lora_files(pipe, adapter, args), args, done, os.path.join(args.out, "validation"),
+                     main_process)
     if bar:
         bar.close()
     weight_name = "pytorch_lora_weights.safetensors" if args.format == "diffusers" else "lora_kohya.safetensors"
     path = jlora.save_lora_weights(args.out, lora_files(pipe, adapter, args), weight_name=weight_name,
-                                   format=args.format)
+                                   format=args.format, is_main_process=main_process)
     if losses:
-        print(f"steps {start + 1}..{args.steps}: loss first {losses[0]:.4f}, last {losses[-1]:.4f}")
-    print(f"wrote {path}")
+        say(f"steps {start + 1}..{args.steps}: loss first {losses[0]:.4f}, last {losses[-1]:.4f}")
+    say(f"wrote {path}")
     return 0
 
 
