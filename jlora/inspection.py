@@ -106,6 +106,11 @@ def check_file(path: str, *, family: str | None = None, allow_pickle: bool = Fal
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _, out["report"] = _convert(tensors, header, targets, strict=False, origin=origin)
+            if out["report"].malformed:  # a module that does not fit: the typed error strict loading raises
+                try:
+                    _convert(tensors, header, targets, strict=True, origin=origin)
+                except JloraError as e:
+                    out["error"] = e
     except JloraError as e:
         out["error"] = e
     return out
@@ -189,8 +194,9 @@ def inspect_file(path: str, *, family: str | None = None, allow_pickle: bool = F
     info["weights"] = len({(p.component, _weight_path(p.path)) for p in report.placed}) if report is not None else 0
     info["unplaced"] = dict(report.unplaced) if report is not None else {}
     info["skipped"] = dict(report.skipped) if report is not None else {}
+    info["malformed"] = dict(report.malformed) if report is not None else {}
     info["components"] = _component_summary(checked["records"], report, metadata)
-    problems = len(info["unmatched"]) + len(info["unplaced"])
+    problems = len(info["unmatched"]) + len(info["unplaced"]) + len(info["malformed"])
     if checked["error"] is not None:
         info["error"], info["error_type"] = str(checked["error"]), type(checked["error"]).__name__
     elif problems:
@@ -252,7 +258,8 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info.get("skipped"):
         comps = sorted(set(info["skipped"].values()))
         lines.append(f"  not checked {len(info['skipped'])} keys of components {comps} (no shapes for them)")
-    problems = [(k, "no rule reads this key") for k in info["unmatched"]] + list(info.get("unplaced", {}).items())
+    problems = ([(k, "no rule reads this key") for k in info["unmatched"]] + list(info.get("unplaced", {}).items())
+                + list(info.get("malformed", {}).items()))
     if info.get("error"):
         lines.append(f"  error       {info['error']}")
     if problems:
