@@ -371,6 +371,14 @@ def _bench_hotswap(ref, paths, rank, repeat) -> list:
 
     swap = _time(lambda: jax.block_until_ready(step(params, load_pad(), 0.8, inputs)), repeat)
     jl = _time(lambda: jax.block_until_ready(load_pad()), repeat)
+    current = [jax.tree.map(jax.numpy.copy, template)]
+
+    def load_pad_donate():  # padded on the device into the previous adapter's buffers
+        current[0] = pad_adapter(jlora.load_lora(paths[next(turn) % len(paths)], params, "unet"), current[0], donate=True)
+        return current[0]
+
+    jd = _time(lambda: jax.block_until_ready(load_pad_donate()), repeat)
+    raw = _time(lambda: safetensors.numpy.load_file(paths[0]), repeat)
     warm = _time(lambda: jax.block_until_ready(step(params, template, 0.8, inputs)), repeat)
     compiles = step._cache_size()
 
@@ -389,6 +397,8 @@ def _bench_hotswap(ref, paths, rank, repeat) -> list:
         ("hotswap: load+pad+step (warm) / first call (load+pad+compile+step)", swap, first, f"{compiles} compilation(s) for {len(paths)} LoRAs"),
         ("hotswap: load+pad+step / warm step alone", swap, warm, "what a swap adds to a step"),
         ("hotswap: jlora load+pad / diffusers load_lora_adapter(hotswap=True)", jl, dl, "file -> ready adapter"),
+        ("hotswap: jlora load+pad(donate) / diffusers hotswap", jd, dl, "target <= 0.5; into the previous buffers"),
+        ("hotswap: jlora load+pad(donate) / safetensors.numpy read", jd, raw, "target <= 2"),
         ("hotswap + step: jlora / diffusers hotswap + torch step", swap, dl + dstep, "same CPU, different frameworks"),
     ]
 
