@@ -193,8 +193,14 @@ def _lycoris_out(case, component, scale):
         case["net"].set_multiplier(1.0)
 
 
+@functools.lru_cache(maxsize=None)
+def _base_out(component):
+    ref = _refs()[component]
+    return R.torch_forward(ref.torch_model, ref)
+
+
 def _check(ref, got, want, what):
-    base = R.torch_forward(ref.torch_model, ref)
+    base = _base_out(ref.component)
     effect = np.abs(want - base).max()
     assert effect >= MIN_EFFECT * np.abs(base).max(), f"{what}: effect {effect:.3g} too small to test anything"
     err = np.abs(got - want).max()
@@ -466,14 +472,12 @@ def test_glora_tucker_matches_lycoris_formula(networks, tmp_path):
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_adapter_file_round_trip(networks, tmp_path, name):
     """jlora's own adapter files keep the new leaves (static kernel shapes, DoRA magnitudes and strength):
-    saved and loaded back, they merge to the same weights."""
+    saved and loaded back, every leaf kind, static field and array is the same."""
     case = networks(name)
     path = jlora.save_adapters(tmp_path / "a.safetensors", case["adapters"])
     params = {c: _refs()[c].flax_params for c in COMPONENTS}
     back = jlora.load_adapters(path, params)
     for c in COMPONENTS:
-        want = _flat(jlora.fuse(params[c], case["adapters"][c], FUSE_SCALE))
-        got = _flat(jlora.fuse(params[c], back[c], FUSE_SCALE))
-        assert all(np.array_equal(got[k], want[k]) for k in want)
-        assert jax.tree.structure(back[c], is_leaf=jlora.is_adapter_leaf) == \
-            jax.tree.structure(case["adapters"][c], is_leaf=jlora.is_adapter_leaf)
+        assert jax.tree.structure(back[c]) == jax.tree.structure(case["adapters"][c])  # kinds and static fields
+        pairs = zip(jax.tree.leaves(back[c]), jax.tree.leaves(case["adapters"][c]))
+        assert all(np.array_equal(np.ravel(x), np.ravel(y)) for x, y in pairs)  # scalars come back as (1,)
