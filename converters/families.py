@@ -29,6 +29,8 @@ FAMILIES: dict[str, Family] = {
         Family("qwen_image", ("transformer", "text_encoder")),
         Family("cogvideox", ("transformer", "text_encoder")),
         Family("mochi", ("transformer", "text_encoder")),
+        Family("z_image", ("transformer", "text_encoder")),
+        Family("ltx2", ("transformer", "connectors", "text_encoder")),
         Family("flux3", ("transformer", "text_encoder")),
         Family("krea2", ("transformer", "text_encoder")),
         Family("ideogram4", ("transformer", "text_encoder")),
@@ -36,8 +38,6 @@ FAMILIES: dict[str, Family] = {
         Family("cosmos", ("transformer", "text_encoder")),
         Family("anima", ("transformer", "text_conditioner", "text_encoder")),
         Family("ace_step", ("transformer", "text_encoder")),
-        Family("z_image", ("transformer", "text_encoder")),
-        Family("ltx2", ("transformer", "connectors", "text_encoder")),
     )
 }
 

@@ -22,8 +22,6 @@ _MARKERS = (
     ("ace_step", re.compile(r"transformer:layers\.\d+\.(self_attn|cross_attn)\.")),
     ("z_image", re.compile(r"transformer:((layers|noise_refiner|context_refiner)[._]\d+[._]attention[._]|all_(x_embedder|final_layer)[._])")),
     ("ltx2", re.compile(r"connectors:|transformer:(transformer_blocks\.\d+\.(audio_attn[12]|audio_to_video_attn|video_to_audio_attn|audio_ff)\.|audio_proj_in$|audio_time_embed\.)")),
-    ("z_image", re.compile(r"transformer:((layers|noise_refiner|context_refiner)[._]\d+[._]attention[._]|all_(x_embedder|final_layer)[._])")),
-    ("ltx2", re.compile(r"connectors:|transformer:(transformer_blocks\.\d+\.(audio_attn[12]|audio_to_video_attn|video_to_audio_attn|audio_ff)\.|audio_proj_in$|audio_time_embed\.)")),
     ("hunyuan_video", re.compile(r"transformer:context_embedder\.token_refiner\.")),
     ("hidream", re.compile(r"transformer:(double|single)_stream_blocks\.")),
     ("qwen_image", re.compile(r"transformer:transformer_blocks\.\d+\.(img_mlp|txt_mlp|img_mod|txt_mod)\.")),
