@@ -89,7 +89,7 @@ def is_z_image(keys: frozenset[str]) -> bool:
 FORMAT = register_format(
     Format(
         name="z_image",
-        supersedes=("peft", "kohya", "lumina2", "prefixed_diffusers", "kohya_dit", "diffusers_old"),
+        supersedes=("peft", "kohya", "lumina2", "prefixed_diffusers", "kohya_dit", "diffusers_old", "diffusers_lokr"),
         rules=RULES,
         detect=is_z_image,
         components=COMPONENTS,
