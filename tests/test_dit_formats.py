@@ -52,6 +52,7 @@ from safetensors.torch import save_file
 import jlora
 from converters import engine
 from converters.formats import dit
+from mirror import flatten, nested  # noqa: E402
 
 SCALE = 0.7
 RANK = 4
@@ -125,22 +126,6 @@ def flat_tree(state_dict) -> dict[tuple[str, ...], np.ndarray]:
                 a = a.transpose(*range(2, a.ndim), 1, 0)
         out[tuple(module) + (leaf,)] = a
     return out
-
-
-def nested(flat: dict) -> dict:
-    tree: dict = {}
-    for path, a in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = a
-    return tree
-
-
-def flatten(tree, prefix=()) -> dict:
-    if isinstance(tree, dict):
-        return {p: v for k, sub in tree.items() for p, v in flatten(sub, prefix + (k,)).items()}
-    return {prefix: np.asarray(tree)}
 
 
 def weight_path(module: str, param: str) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ from jlora.cli import main
 from jlora.inspection import inspect_file
 from jlora.leaf import LokrLeaf
 from tests import newest
+from mirror import flatten, kernel, nested  # noqa: E402
 
 MODEL, MIXIN = "Flux2Transformer2DModel", "Flux2LoraLoaderMixin"
 CONFIG = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -95,26 +96,6 @@ def mirror(sd: dict[str, np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:
             leaf, a = ("kernel", a.T) if a.ndim == 2 else ("scale", a)
         out[tuple(module) + (leaf,)] = np.ascontiguousarray(a)
     return out
-
-
-def nested(flat: dict) -> dict:
-    tree: dict = {}
-    for path, a in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = a
-    return tree
-
-
-def flatten(tree, prefix=()) -> dict:
-    if isinstance(tree, dict):
-        return {p: v for k, sub in tree.items() for p, v in flatten(sub, prefix + (k,)).items()}
-    return {prefix: np.asarray(tree)}
-
-
-def kernel(module: str) -> tuple[str, ...]:
-    return tuple(module.split(".")) + ("kernel",)
 
 
 def swap_rows(a: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import jlora
 from converters import engine
 from converters.guess import guess_family
 from tests import newest
+from mirror import flatten, kernel, nested  # noqa: E402
 
 SCALE = 0.7
 RANK = 4
@@ -275,26 +276,6 @@ def flat_tree(state_dict) -> dict[tuple[str, ...], np.ndarray]:
                 a = a.transpose(*range(2, a.ndim), 1, 0)
         out[tuple(module) + (leaf,)] = a
     return out
-
-
-def nested(flat: dict) -> dict:
-    tree: dict = {}
-    for path, a in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = a
-    return tree
-
-
-def flatten(tree, prefix=()) -> dict:
-    if isinstance(tree, dict):
-        return {p: v for k, sub in tree.items() for p, v in flatten(sub, prefix + (k,)).items()}
-    return {prefix: np.asarray(tree)}
-
-
-def kernel(module: str) -> tuple[str, ...]:
-    return tuple(module.split(".")) + ("kernel",)
 
 
 def assert_fused_equal(got: dict, want: dict, base: dict) -> set:
