@@ -146,6 +146,7 @@ _LEAF_BUILDERS = {
     "ia3": layout_lycoris.ia3_leaf,
     "glora": layout_lycoris.glora_leaf,
     "oft": layout_lycoris.oft_leaf,
+    "tlora": layout_lycoris.tlora_leaf,
 }
 _ALPHA_AS_IS = ("lokr", "ia3", "oft")  # kinds where a missing alpha does not mean alpha = rank
 

@@ -222,6 +222,7 @@ _NDIMS = {
     "lokr_t2": (4,), "diff": (1, 2, 4, 5), "set": (1, 2, 4, 5), "diff_b": (1,), "up_bias": (1,),
     "ia3_w": (1, 3, 4, 5), "glora_a1": (2, 4), "glora_a2": (2, 4), "glora_b1": (2, 4), "glora_b2": (2, 4),
     "glora_bm": (4,), "oft_blocks": (3, 4), "rescale": (1, 2, 4, 5),
+    "tlora_q": (2, 4, 5), "tlora_p": (2, 4, 5), "tlora_lambda": (1, 2),
 }
 _NOT_FLOAT = ("alpha", "on_input")  # scalars read by value
 
@@ -359,7 +360,19 @@ def _check_oft(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.nd
             )
 
 
-_CHECKS = {"lora": _check_lora, "loha": _check_loha, "lokr": _check_lokr, "ia3": _check_ia3, "glora": _check_glora,
+def _check_tlora(where: str, roles: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> None:
+    _need(where, roles, ("tlora_q",), ("tlora_p",), ("tlora_lambda",))
+    q, p, lam = (tensors[roles[r]] for r in ("tlora_q", "tlora_p", "tlora_lambda"))
+    r = q.shape[0]
+    if p.shape[1] != r or lam.size != r or lam.ndim == 2 and lam.shape[0] != 1 or not (_trailing_ones(q) and _trailing_ones(p)):
+        raise InvalidAdapterError(
+            f"{where}: T-LoRA factors do not chain ({roles['tlora_q']} {tuple(q.shape)}, {roles['tlora_p']} "
+            f"{tuple(p.shape)}, {roles['tlora_lambda']} {tuple(lam.shape)}); expected q_layer (r, in[, 1, 1]), "
+            "p_layer (out, r[, 1, 1]) and lambda_layer (1, r)."
+        )
+
+
+_CHECKS = {"tlora": _check_tlora, "lora": _check_lora, "loha": _check_loha, "lokr": _check_lokr, "ia3": _check_ia3, "glora": _check_glora,
            "oft": _check_oft}
 
 

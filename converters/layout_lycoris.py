@@ -7,6 +7,10 @@ DoRA on LoHa/LoKr. Torch layouts as LyCORIS 4.1.3 saves them (`lycoris/modules/*
   `b2.weight` `(r, in[, kh, kw])`, Tucker `bm.weight` `(r, r, kh, kw)` with a 1x1 `b2`; `alpha`.
 * diagonal OFT `oft_blocks` `(n, b, b)`, BOFT `(m, n, b, b)`, `n * b` output channels;
   `rescale` `(out, 1[, 1, 1])`; `alpha` is the norm constraint per output channel.
+* T-LoRA: `q_layer.weight` `(r, in[, 1, 1])`, `p_layer.weight` `(out, r[, 1, 1])`, `lambda_layer` `(1, r)`,
+  `alpha`. The file holds only the trained factors; the delta subtracts their starting point, the rank-`r`
+  truncated SVD of the base weight, which LyCORIS recomputes from the weight when it loads the file:
+  `ΔW = (alpha / r) · (P diag(λ) Q − U_r diag(s_r) V_rᵀ)`, every rank active (no timestep mask set).
 """
 
 from __future__ import annotations
@@ -84,6 +88,44 @@ def oft_leaf(rec: Record, kernel_shape, path: str, alpha: float | None) -> tuple
         "kernel": tuple(int(k) for k in kernel_shape),
     }
     return ("boft" if blocks.ndim == 4 else "oft"), fields
+
+
+def tlora_leaf(rec: Record, kernel_shape, path: str, alpha: float) -> tuple[str, dict]:
+    """The trained half of a T-LoRA delta as LoRA factors; `with_tlora_base` adds the base half."""
+    t = rec.tensors
+    if len(kernel_shape) > 2 and any(int(n) != 1 for n in kernel_shape[:-2]):
+        raise ShapeMismatchError(
+            f"{rec.sources['tlora_q']}: a T-LoRA module on {path}, a {'x'.join(map(str, kernel_shape[:-2]))} conv "
+            f"(shape {tuple(kernel_shape)}): LyCORIS 4.1.3 writes 1x1 factors for it that no forward can add to the "
+            "layer's output (LyCORIS's own fails on it); T-LoRA is defined for Linear layers and 1x1 convs."
+        )
+    r = int(t["tlora_q"].shape[0])
+    lam = np.asarray(t["tlora_lambda"], np.float32).reshape(r, *([1] * (t["tlora_q"].ndim - 1)))
+    lora = dataclasses.replace(rec, kind="lora", tensors={"down": lam * np.asarray(t["tlora_q"], np.float32), "up": t["tlora_p"]},
+                               sources={"down": rec.sources["tlora_q"], "up": rec.sources["tlora_p"]})
+    _, fields = layout.lora_leaf(lora, kernel_shape, path, alpha)
+    return "tlora", fields
+
+
+def with_tlora_base(fields: dict, kernel) -> dict:
+    """LoRA fields of a whole T-LoRA delta: the trained factors beside minus the rank-`r` truncated SVD
+    of the base `kernel` (Flax layout), concatenated on the rank axis (rank `2r`, alpha doubled so the
+    scale stays `alpha / r`)."""
+    a, b = np.asarray(fields["a"], np.float32), np.asarray(fields["b"], np.float32)
+    r = a.shape[-1]
+    w = np.asarray(kernel, np.float32).reshape(-1, np.shape(kernel)[-1])  # (in, out) = W_torchᵀ; float32 as LyCORIS
+    v, s, ut = np.linalg.svd(w, full_matrices=False)  # W_torch = utᵀ diag(s) vᵀ
+    k = min(r, s.size)
+    base_a = np.zeros((w.shape[0], r), np.float32)
+    base_b = np.zeros((r, w.shape[1]), np.float32)
+    base_a[:, :k] = v[:, :k] * s[:k]
+    base_b[:k] = -ut[:k]
+    return {
+        **fields,
+        "a": np.concatenate([a, base_a.reshape(a.shape)], axis=-1),
+        "b": np.concatenate([b, base_b], axis=0),
+        "alpha": 2.0 * float(fields["alpha"]),
+    }
 
 
 def with_dora(builder):

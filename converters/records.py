@@ -41,6 +41,9 @@ ROLE_KINDS: dict[str, str | None] = {
     "glora_bm": "glora",
     "oft_blocks": "oft",
     "rescale": "oft",
+    "tlora_q": "tlora",
+    "tlora_p": "tlora",
+    "tlora_lambda": "tlora",
     "diff": "diff",
     "set": "set",
     "up_bias": None,
@@ -57,7 +60,7 @@ class Record:
       component: `unet`, `text_encoder`, `text_encoder_2` or `transformer`.
       module: diffusers/PyTorch module name, e.g. `down_blocks.0.attentions.0.proj_in`.
       kind: `lora` (incl. LoCon, Tucker, DoRA), `loha`, `lokr`, `ia3`, `glora`, `oft` (diagonal OFT and
-        BOFT), `diff` (incl. LyCORIS norms), `set`, or `bias` (bias delta only).
+        BOFT), `tlora`, `diff` (incl. LyCORIS norms), `set`, or `bias` (bias delta only).
       tensors: role -> tensor in PyTorch layout (roles in `ROLE_KINDS`).
       sources: role -> the source key it came from.
       alpha: alpha from the file, or None (then alpha = rank).
@@ -83,6 +86,8 @@ class Record:
             return int(t["w1b"].shape[0])
         if self.kind == "glora":
             return int(t["glora_a2"].shape[0])
+        if self.kind == "tlora":
+            return int(t["tlora_q"].shape[0])
         if self.kind == "lokr":  # LyCORIS: the last decomposed factor gives the dim
             for role in ("lokr_w2b", "lokr_w1b"):
                 if role in t:
@@ -92,7 +97,7 @@ class Record:
 
 def algorithm(rec: Record) -> str:
     """The algorithm a record's file used, for reports: `lora`, `locon`, `loha`, `lokr`, `ia3`, `glora`,
-    `diag-oft`, `boft`, `norm`, `diff`, `set`, `bias`; `+tucker`, `+dora`, `+rescaled` name the variants."""
+    `diag-oft`, `boft`, `tlora`, `norm`, `diff`, `set`, `bias`; `+tucker`, `+dora`, `+rescaled` name the variants."""
     t, kind = rec.tensors, rec.kind
     name = kind
     if kind == "lora":

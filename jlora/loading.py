@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import dataclasses
+
 import jax
 import numpy as np
 
 from converters import convert as _convert
-from converters import get_family, read_state_dict
+from converters import get_family, layout_lycoris, read_state_dict
 from converters.formats.peft import parse_metadata
 from jlora.errors import JloraError, KeyMismatchError
 from jlora.leaf import DiffLeaf, DoraLeaf, LohaLeaf, LokrLeaf, LoraLeaf, SetLeaf
@@ -182,7 +184,18 @@ def make_leaves(placements, dtype=None) -> list:
     return leaves
 
 
+def _with_bases(params: PyTree, placements) -> list:
+    """Placements whose delta depends on the base weight (T-LoRA) completed from `params`."""
+    if not any(p.leaf == "tlora" for p in placements):
+        return placements
+    wanted = {p.path for p in placements if p.leaf == "tlora"}
+    kernels = {path_of(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(params) if path_of(kp) in wanted}
+    return [dataclasses.replace(p, leaf="lora", fields=layout_lycoris.with_tlora_base(p.fields, kernels[p.path]))
+            if p.leaf == "tlora" else p for p in placements]
+
+
 def _build_adapter(params: PyTree, placements, dtype) -> PyTree:
+    placements = _with_bases(params, placements)
     by_path = {p.path: leaf for p, leaf in zip(placements, make_leaves(placements, dtype))}
     return jax.tree_util.tree_map_with_path(lambda kp, _: by_path.get(path_of(kp)), params)
 

@@ -10,7 +10,7 @@ forward. Tolerance as in shared/TESTING.md: max|Δ| ≤ 1e-3 · max|effect|, wit
 
 Algorithms: IA3 (per output and per input channel), GLoRA (Linear, Conv, Tucker), diagonal OFT (with
 and without `rescale`, with a constraint), BOFT, trained norms (`w_norm`/`b_norm`), DoRA on LoHa and
-LoKr. Fuse/unfuse round trips (IA3/GLoRA/OFT/BOFT are undone by their exact inverse) and the
+LoKr, T-LoRA (its base half recomputed from the params, as LyCORIS does when it loads a file). Fuse/unfuse round trips (IA3/GLoRA/OFT/BOFT are undone by their exact inverse) and the
 per-module report are checked too.
 """
 
@@ -64,7 +64,7 @@ PRESET = {
     "text_encoder_target_name": _exact(TE_TARGETS),
 }
 
-# Two LyCORIS networks, each mixing algorithms per module through LyCORIS's own name -> algo map:
+# LyCORIS networks, each mixing algorithms per module through LyCORIS's own name -> algo map:
 # name: (default algo, {module regex: options}, network options, {module: expected report algorithm})
 NETWORKS = {
     "mixed": (
@@ -114,8 +114,23 @@ NETWORKS = {
         },
     ),
 }
+NETWORKS["tlora"] = (
+    "tlora",  # T-LoRA: Linear layers and 1x1 convs; the 3x3 convs get LoCon
+    {r".*resnets\.0\.conv1$": {"algo": "lora"}},
+    {},
+    {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "tlora",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": "tlora",
+        "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2": "tlora",
+        "down_blocks.0.attentions.0.proj_in": "tlora",
+        "down_blocks.0.resnets.0.conv1": "locon",
+        "up_blocks.1.resnets.0.conv1": "locon",
+        "text_model.encoder.layers.0.self_attn.q_proj": "tlora",
+        "text_model.encoder.layers.1.mlp.fc1": "tlora",
+    },
+)
 COMPONENTS = ("unet", "text_encoder")
-STD = {"mixed": 0.6, "dora": 0.5}
+STD = {"mixed": 0.6, "dora": 0.5, "tlora": 0.8}
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,11 +277,13 @@ def _lycoris_merged_state_dict(case, component, scale):
     return sd
 
 
+@pytest.mark.parametrize("name", ["mixed", "tlora"])
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_fused_weights_match_lycoris_merge(networks, component):
-    """Reference: LyCORIS's `get_merged_weight(multiplier)` per module (IA3, GLoRA, OFT, BOFT, norms;
-    its LoHa/LoKr merge is the one with the double alpha, so DoRA is checked by forward only)."""
-    case, ref = networks("mixed"), _refs()[component]
+def test_fused_weights_match_lycoris_merge(networks, component, name):
+    """Reference: LyCORIS's `get_merged_weight(multiplier)` per module (IA3, GLoRA, OFT, BOFT, norms,
+    T-LoRA, whose delta subtracts the truncated SVD of the base weight LyCORIS computed; its LoHa/LoKr
+    merge is the one with the double alpha, so DoRA is checked by forward only)."""
+    case, ref = networks(name), _refs()[component]
     want = _flat(R.torch_state_dict_to_flax(ref, _lycoris_merged_state_dict(case, component, FUSE_SCALE)))
     got = _flat(jlora.fuse(ref.flax_params, case["adapters"][component], FUSE_SCALE))
     base = _flat(ref.flax_params)
@@ -435,6 +452,34 @@ def test_malformed_modules_are_reported_and_the_rest_loads(networks, tmp_path):
     assert len({p.module for p in report.placed}) == expected
     assert sum(map(jlora.count, adapters.values())) == jlora.count(networks("mixed")["adapters"]["unet"]) + \
         jlora.count(networks("mixed")["adapters"]["text_encoder"]) - len(BROKEN)
+
+
+def test_tlora_on_a_3x3_conv_is_reported_and_the_rest_loads(networks, tmp_path):
+    """LyCORIS 4.1.3 builds T-LoRA on a 3x3 conv with 1x1 factors (q_layer (r, in, 1, 1)) that its own
+    forward cannot add to the layer's output; jlora names the module and the shapes instead of guessing."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(networks("tlora")["path"]))
+    prefix = "lora_unet_down_blocks_0_resnets_0_conv1"
+    for k in [k for k in tensors if k.startswith(prefix + ".")]:
+        del tensors[k]
+    gen = torch.Generator().manual_seed(3)
+    tensors.update({
+        f"{prefix}.q_layer.weight": torch.randn(4, 32, 1, 1, generator=gen),
+        f"{prefix}.p_layer.weight": torch.randn(32, 4, 1, 1, generator=gen),
+        f"{prefix}.lambda_layer": torch.rand(1, 4, generator=gen),
+        f"{prefix}.alpha": torch.tensor(2.0),
+    })
+    path = tmp_path / "tlora_conv3x3.safetensors"
+    save_file(tensors, str(path))
+    params = {c: _refs()[c].flax_params for c in COMPONENTS}
+    with pytest.raises(jlora.errors.ShapeMismatchError, match=f"{prefix}.q_layer.weight.*3x3 conv"):
+        jlora.load_lora_weights(path, params)
+    with pytest.warns(UserWarning):
+        adapters, report = jlora.load_lora_weights(path, params, strict=False, return_report=True)
+    assert {k for k in report.malformed} == {k for k in tensors if k.startswith(prefix + ".")}
+    want = sum(map(jlora.count, networks("tlora")["adapters"].values())) - 1
+    assert sum(map(jlora.count, adapters.values())) == want
 
 
 def test_glora_tucker_matches_lycoris_formula(networks, tmp_path):
