@@ -1,6 +1,6 @@
-"""`save_lora_weights(..., format="kohya")`: kohya / A1111 files that diffusers loads to the same outputs.
+"""`save_lora_weights(..., format="kohya")`: kohya / A1111 files that diffusers and LyCORIS load to the same outputs.
 
-Reference: diffusers' own kohya readers (`StableDiffusion(XL)LoraLoaderMixin.lora_state_dict` and
+Reference: LyCORIS's kohya loader, and diffusers' own kohya readers (`StableDiffusion(XL)LoraLoaderMixin.lora_state_dict` and
 `FluxPipeline.lora_state_dict`, which convert `lora_unet_` / `lora_te_` keys) loading the written file
 into the torch models; their forwards must equal the torch forward of the original PEFT LoRA.
 """
@@ -38,6 +38,36 @@ def test_kohya_file_loads_in_diffusers_to_the_same_outputs(tmp_path, family):
     for c in adapters:
         for x, y in zip(jax.tree.leaves(jlora.delta(again[c])), jax.tree.leaves(jlora.delta(adapters[c]))):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_kohya_file_loads_in_lycoris_to_the_same_outputs(tmp_path, monkeypatch):
+    """Reference: LyCORIS 4.1.3's own loader (`lycoris.kohya.create_network_from_weights`) reading the kohya
+    file jlora wrote onto fresh torch models, run at multiplier s; it must equal the torch forward of the
+    original PEFT LoRA at scale s (the `.alpha` of every module honoured)."""
+    os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
+    kohya = pytest.importorskip("lycoris.kohya", reason="lycoris-lora (test extra) is the reference")
+    import copy
+
+    unet, te = R.build_sd15_unet(), R.build_clip_text()
+    peft = R.make_peft_lora_file(tmp_path / "peft", [unet, te], rank=4, alpha=8, pipeline="sd")
+    adapters = jlora.load_lora_weights(peft, {r.component: r.flax_params for r in (unet, te)})
+    path = jlora.save_lora_weights(tmp_path / "kohya", adapters, format="kohya")
+    models = {r.component: copy.deepcopy(r.torch_model) for r in (unet, te)}
+    K = kohya.LycorisNetworkKohya  # the loader first builds its class's preset network: make that one empty
+    for attr in ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
+                 "TEXT_ENCODER_TARGET_REPLACE_NAME"):
+        monkeypatch.setattr(K, attr, [])
+    net, _ = kohya.create_network_from_weights(1.0, path, None, models[te.component], models[unet.component])
+    net.apply_to(models[te.component], models[unet.component], True, True)
+    assert len(net.unet_loras) + len(net.text_encoder_loras) == sum(map(jlora.count, adapters.values()))
+    for ref in (unet, te):
+        for scale in (1.0, 0.6):
+            want = R.torch_forward(R.torch_model_with_lora(ref, peft, pipeline="sd"), ref, scale=scale)
+            net.set_multiplier(scale)
+            got = R.torch_forward(models[ref.component], ref)
+            effect = np.abs(want - R.torch_forward(ref.torch_model, ref)).max()
+            assert effect > 1e-2
+            assert np.abs(got - want).max() <= 1e-4 * max(1.0, effect), (ref.component, scale)
 
 
 def test_flux_kohya_file_in_bfl_names_loads_in_diffusers(tmp_path):
