@@ -99,7 +99,14 @@ def tlora_leaf(rec: Record, kernel_shape, path: str, alpha: float) -> tuple[str,
             f"(shape {tuple(kernel_shape)}): LyCORIS 4.1.3 writes 1x1 factors for it that no forward can add to the "
             "layer's output (LyCORIS's own fails on it); T-LoRA is defined for Linear layers and 1x1 convs."
         )
-    r = int(t["tlora_q"].shape[0])
+    q, p = t["tlora_q"], t["tlora_p"]
+    if q.shape[1] != kernel_shape[-2] or p.shape[0] != kernel_shape[-1]:
+        raise ShapeMismatchError(
+            f"{rec.sources['tlora_q']}: T-LoRA q_layer {tuple(q.shape)} and p_layer {tuple(p.shape)} (torch layout) give "
+            f"a delta of shape ({p.shape[0]}, {q.shape[1]}) but {path} has shape {tuple(kernel_shape)}. The adapter "
+            "was made for a different model or model size."
+        )
+    r = int(q.shape[0])
     lam = np.asarray(t["tlora_lambda"], np.float32).reshape(r, *([1] * (t["tlora_q"].ndim - 1)))
     lora = dataclasses.replace(rec, kind="lora", tensors={"down": lam * np.asarray(t["tlora_q"], np.float32), "up": t["tlora_p"]},
                                sources={"down": rec.sources["tlora_q"], "up": rec.sources["tlora_p"]})

@@ -482,6 +482,22 @@ def test_tlora_on_a_3x3_conv_is_reported_and_the_rest_loads(networks, tmp_path):
     assert sum(map(jlora.count, adapters.values())) == want
 
 
+def test_tlora_factors_that_do_not_chain_are_refused(networks, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(networks("tlora")["path"]))
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lambda_layer"
+    tensors[key] = tensors[key][:, :-1].contiguous()
+    path = tmp_path / "tlora_bad.safetensors"
+    save_file(tensors, str(path))
+    params = {c: _refs()[c].flax_params for c in COMPONENTS}
+    with pytest.raises(jlora.errors.InvalidAdapterError, match=r"T-LoRA factors do not chain.*lambda_layer \(1, 3\)"):
+        jlora.load_lora_weights(path, params)
+    with pytest.warns(UserWarning):
+        _, report = jlora.load_lora_weights(path, params, strict=False, return_report=True)
+    assert key in report.malformed
+
+
 def test_glora_tucker_matches_lycoris_formula(networks, tmp_path):
     """GLoRA with a Tucker core `bm.weight` (LyCORIS 4.1.3 reads it but its network never makes one: its
     `use_tucker` test needs a 1x1 and a larger kernel at once). Reference: LyCORIS's own GLoRA weight
