@@ -57,6 +57,10 @@ class LoadReport:
         alpha, a fused split that fails); the rest of the file loads.
       outside_prefix: keys left out because they are not under the `prefix=` asked for.
       metadata: the file's `lora_adapter_metadata`.
+      redundant: key -> why it was left out as a repeat of other keys of the file (Z-Image's fused `qkv` next
+        to the split `to_q`/`to_k`/`to_v` it duplicates, as diffusers 0.42.1 leaves it out).
+      also_read_as: other formats that read the same keys for another named family (`family=`), e.g.
+        `["z_image (family='z_image')"]` for a file of Lumina-2 / Z-Image shared names detected as `lumina2`.
     """
 
     origin: str
@@ -70,6 +74,8 @@ class LoadReport:
     adapter_name: str | None = None
     malformed: dict[str, str] = dataclasses.field(default_factory=dict)
     outside_prefix: list[str] = dataclasses.field(default_factory=list)
+    also_read_as: list[str] = dataclasses.field(default_factory=list)
+    redundant: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def loaded_keys(self) -> list[str]:
@@ -79,7 +85,8 @@ class LoadReport:
         return dict(Counter(p.component for p in self.placed))
 
     def summary(self) -> str:
-        lines = [f"{self.origin}: format {self.format}"]
+        lines = [f"{self.origin}: format {self.format}"
+                 + (f" (the keys are also {', '.join(self.also_read_as)})" if self.also_read_as else "")]
         for comp, n in sorted(self.counts().items()):
             mine = [p for p in self.placed if p.component == comp]
             ranks = sorted({p.rank for p in mine if p.rank is not None})
@@ -89,7 +96,8 @@ class LoadReport:
                 f"  {comp}: {n} weights {kinds}, ranks {ranks}, alphas {alphas}, scheme {self.schemes.get(comp)}"
             )
         for title, keys in (("unmatched", self.unmatched), ("unplaced", list(self.unplaced)), ("skipped", list(self.skipped)),
-                            ("malformed", list(self.malformed)), ("outside prefix", self.outside_prefix)):
+                            ("malformed", list(self.malformed)), ("outside prefix", self.outside_prefix),
+                            ("left out as redundant", list(self.redundant))):
             if keys:
                 lines.append(f"  {title}: {len(keys)} keys, e.g. {keys[:3]}")
         return "\n".join(lines)
@@ -317,8 +325,11 @@ def convert(
     schemes: Mapping[str, str | NamingScheme] | str | NamingScheme | None = None,
     strict: bool = True,
     origin: str = "<state dict>",
+    family: str | None = None,
 ) -> tuple[dict[str, list[Placement]], LoadReport]:
     """Place the LoRA in `tensors` onto the components in `targets` (component -> shape index).
+
+    `family`: the model family the caller named; it decides between formats whose keys are the same.
 
     Raises:
       UnsupportedFormatError: no (or ambiguous) format, or no tensors.
@@ -329,7 +340,7 @@ def convert(
     if not tensors:
         raise UnsupportedFormatError(f"{origin}: holds no tensors.")
     fmt = engine.get_format(format) if format else engine.detect_format(
-        tensors.keys(), origin, modules=target_modules(targets, schemes))
+        tensors.keys(), origin, modules=target_modules(targets, schemes), family=family)
     malformed: dict[str, str] | None = None if strict else {}
     records, unmatched = engine.build_records(fmt, tensors, malformed)
     if not records:
@@ -339,8 +350,12 @@ def convert(
     if not metadata and fmt.header_config is not None:
         metadata = dict(fmt.header_config(header, frozenset(tensors), origin))
     report = LoadReport(origin=origin, format=fmt.name, unmatched=list(unmatched), metadata=metadata,
-                        malformed=malformed if malformed is not None else {})
+                        malformed=malformed if malformed is not None else {},
+                        also_read_as=[] if format else engine.shared_with(tensors.keys(), fmt))
     records = _assign_components(records, targets, default_component, origin)
+    if fmt.redundant is not None:
+        report.redundant = fmt.redundant(records, None if strict else report.malformed)
+        records = [rec for rec in records if not set(rec.keys) & (report.redundant.keys() | report.malformed.keys())]
     if fmt.split is not None:
         records = [piece for rec in records for piece in _per_module(strict, report, rec, fmt.split, rec) or []]
 

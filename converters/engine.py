@@ -69,7 +69,13 @@ class Format:
     header_config: Callable[[Mapping[str, str], frozenset[str], str], Mapping] | None = None
     # Also claims `keys` when the target's diffusers module names (`modules`) show its model, for key
     # names that several model families share (Flux.1 and Flux.2 BFL names); None: keys alone decide.
-    detect_for: Callable[[frozenset[str], frozenset[str]], bool] | None = None
+    # `modules` is None when the caller named one of `families` (`family="z_image"`): the model is known.
+    detect_for: Callable[[frozenset[str], frozenset[str] | None], bool] | None = None
+    families: tuple[str, ...] = ()
+    # `redundant(records, malformed)`: {key: why} of records that repeat others of the same file (a fused qkv next
+    # to the split to_q/to_k/to_v it duplicates); they are left out and listed in `LoadReport.redundant`. A
+    # repeat that is ambiguous raises, or with `malformed` given (strict=False) goes there.
+    redundant: Callable[[list[Record], dict[str, str] | None], dict[str, str]] | None = None
 
 
 _FORMATS: dict[str, Format] = {}
@@ -93,26 +99,41 @@ def formats() -> dict[str, Format]:
     return dict(_FORMATS)
 
 
-def matching_formats(keys: Iterable[str], modules: Iterable[str] | None = None) -> list[Format]:
+def _claims(f: Format, keys: frozenset[str], modules: frozenset[str] | None, family: str | None) -> bool:
+    if f.detect(keys):
+        return True
+    if f.detect_for is None:
+        return False
+    if family is not None and family in f.families:
+        return f.detect_for(keys, None)
+    return modules is not None and f.detect_for(keys, modules)
+
+
+def matching_formats(keys: Iterable[str], modules: Iterable[str] | None = None, family: str | None = None) -> list[Format]:
     """The registered formats that claim these keys, after `supersedes` is applied.
 
-    `modules`: the diffusers module names of the target model, when known (see `Format.detect_for`).
+    `modules`: the diffusers module names of the target model, when known; `family`: the model family the
+    caller named (see `Format.detect_for`, `Format.families`).
+
+    >>> [f.name for f in matching_formats(["diffusion_model.layers.0.feed_forward.w1.lora_A.weight"], family="z_image")]
+    ['z_image']
     """
     keys = frozenset(keys)
     mods = None if modules is None else frozenset(modules)
-    hits = [f for f in _FORMATS.values()
-            if f.detect(keys) or (mods is not None and f.detect_for is not None and f.detect_for(keys, mods))]
+    hits = [f for f in _FORMATS.values() if _claims(f, keys, mods, family)]
     return [f for f in hits if not any(f.name in g.supersedes for g in hits)]
 
 
-def detect_format(keys: Iterable[str], origin: str = "<state dict>", modules: Iterable[str] | None = None) -> Format:
-    """The one registered format whose detector accepts these keys (and, if given, the target's `modules`).
+def detect_format(keys: Iterable[str], origin: str = "<state dict>", modules: Iterable[str] | None = None,
+                  family: str | None = None) -> Format:
+    """The one registered format whose detector accepts these keys (and, if given, the target's `modules` or the
+    named `family`).
 
     Raises:
       UnsupportedFormatError: no format or more than one format matches.
     """
     keys = frozenset(keys)
-    hits = matching_formats(keys, modules)
+    hits = matching_formats(keys, modules, family)
     if len(hits) == 1:
         return hits[0]
     sample = sorted(keys)[:5]
@@ -124,6 +145,23 @@ def detect_format(keys: Iterable[str], origin: str = "<state dict>", modules: It
     raise UnsupportedFormatError(
         f"{origin}: keys match several formats {[f.name for f in hits]}; pass format= to choose one."
     )
+
+
+def shared_with(keys: Iterable[str], chosen: Format) -> list[str]:
+    """Formats other than `chosen` that would read these keys for a named family (`family=`): the keys alone
+    do not decide between them, so the report names them with the family that picks each.
+
+    >>> shared_with(["diffusion_model.layers.0.feed_forward.w1.lora_A.weight"], get_format("lumina2"))
+    ["z_image (family='z_image')"]
+    """
+    keys = frozenset(keys)
+    out = []
+    for f in _FORMATS.values():
+        if f.name == chosen.name or f.name in chosen.supersedes or f.detect_for is None or not f.families:
+            continue
+        if f.detect_for(keys, None):
+            out.append(f"{f.name} (family={f.families[0]!r})")
+    return out
 
 
 def get_format(name: str) -> Format:

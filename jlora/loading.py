@@ -214,7 +214,7 @@ def max_target_elements(indexes) -> int:
 
 
 def _load(source, targets: Mapping[str, PyTree], *, default_component, format, schemes, strict, dtype, metadata, file_kwargs,
-          prefixes=None):
+          prefixes=None, family=None):
     indexes = {c: shape_index(p) for c, p in targets.items()}
     tensors, header, origin = read_state_dict(source, max_elements=max_target_elements(indexes),
                                               **_split_file_kwargs(file_kwargs))
@@ -224,7 +224,8 @@ def _load(source, targets: Mapping[str, PyTree], *, default_component, format, s
     if prefixes:
         tensors, header, left = _apply_prefixes(tensors, header, prefixes, origin)
     placements, report = _convert(
-        tensors, header, indexes, default_component=default_component, format=format, schemes=schemes, strict=strict, origin=origin
+        tensors, header, indexes, default_component=default_component, format=format, schemes=schemes, strict=strict,
+        origin=origin, family=family,
     )
     report.outside_prefix = left
     adapters = {c: _build_adapter(targets[c], placements[c], dtype) for c in targets}
@@ -313,7 +314,8 @@ def load_lora_weights(
     Args:
       source: file, directory, Hub repo id or state dict.
       params: component name -> that component's params.
-      family: `sd`, `sdxl`, `flux`, `sd3`; checks the component names.
+      family: `sd`, `sdxl`, `flux`, `sd3`, `z_image`, ...; checks the component names, and reads keys several
+        families' formats share as this family's (a file of Lumina-2 / Z-Image shared names, with `"z_image"`).
       format, strict, dtype, metadata, adapter_name, return_report: as in `load_lora`.
       schemes: component -> naming scheme (default: detected per params tree).
       load_into_transformer_2: load the file's transformer LoRA into `params["transformer_2"]` (Wan 2.2's
@@ -353,6 +355,7 @@ def load_lora_weights(
         metadata=metadata,
         file_kwargs=file_kwargs,
         prefixes=_component_prefixes(prefix, targets),
+        family=family,
     )
     report.adapter_name = adapter_name
     if load_into_transformer_2:

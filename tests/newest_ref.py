@@ -51,7 +51,9 @@ def op_fused(spec):
     out = _arrays(model, "base/")
     mixin = getattr(lora_pipeline, spec["mixin"])
     capture = _Capture()
-    logging.getLogger("diffusers").addHandler(capture)
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(capture)
+    logger.setLevel(logging.WARNING)  # DIFFUSERS_VERBOSITY=error would drop the warnings before `capture` sees them
     state = mixin.lora_state_dict(spec["lora"], return_lora_metadata=True)
     state, metadata = state if isinstance(state, tuple) else (state, None)
     component = spec.get("component", "transformer")
@@ -60,6 +62,7 @@ def op_fused(spec):
     else:  # e.g. LTX-2's `connectors`: the same PEFT path, under the component's prefix
         model.load_lora_adapter(state, prefix=component, metadata=metadata)
     loaded = sorted({n.rsplit(".base_layer", 1)[0] for n, _ in model.named_modules() if n.endswith("base_layer")})
+    logger.removeHandler(capture)
     model.fuse_lora(lora_scale=spec.get("scale", 1.0))
     model.unload_lora()
     out.update(_arrays(model, "fused/"))
