@@ -13,6 +13,8 @@ from typing import Mapping
 
 import numpy as np
 
+from converters import architectures_dit
+
 Path = tuple[str, ...]
 Index = dict[Path, tuple[tuple[int, ...], np.dtype]]
 
@@ -61,6 +63,15 @@ FAMILY_MODELS = {
     "flux2": {"transformer": FLUX2_DEV},
     "flux2_klein_4b": {"transformer": FLUX2_KLEIN_4B},
     "flux2_klein_9b": {"transformer": FLUX2_KLEIN_9B},
+    "z_image": {"transformer": architectures_dit.Z_IMAGE_TURBO},
+    "ltx2": {"transformer": architectures_dit.LTX2_19B, "connectors": architectures_dit.LTX2_19B_CONNECTORS},
+}
+# (family, component) -> the index builder, where it is not the UNet / CLIP / Flux.1 default
+_BUILDERS = {
+    **{(f, "transformer"): "flux2" for f in ("flux2", "flux2_klein_4b", "flux2_klein_9b")},
+    ("z_image", "transformer"): "z_image",
+    ("ltx2", "transformer"): "ltx2",
+    ("ltx2", "connectors"): "ltx2_connectors",
 }
 
 
@@ -260,17 +271,22 @@ def flux2_index(config: Mapping, dtype=np.float32) -> Index:
 
 
 def family_indexes(family: str, dtype=np.float16) -> dict[str, Index]:
-    """Shape indexes of every component of a family's standard models (`sd`, `sd2`, `sdxl`, `flux`)."""
+    """Shape indexes of every component of a family's standard models (`sd`, `sd2`, `sdxl`, `flux`, `flux2`, `z_image`,
+    `ltx2`, ...: the keys of `FAMILY_MODELS`)."""
     from converters.errors import JloraError
 
     if family not in FAMILY_MODELS:
         raise JloraError(f"no standard architecture for family {family!r}; known: {sorted(FAMILY_MODELS)}.")
+    builders = {"flux2": flux2_index, "z_image": architectures_dit.z_image_index, "ltx2": architectures_dit.ltx2_index,
+                "ltx2_connectors": architectures_dit.ltx2_connectors_index}
     out = {}
     for component, cfg in FAMILY_MODELS[family].items():
-        if component == "unet":
+        if (family, component) in _BUILDERS:
+            out[component] = builders[_BUILDERS[family, component]](cfg, dtype)
+        elif component == "unet":
             out[component] = unet_index(cfg, dtype)
         elif component == "transformer":
-            out[component] = (flux2_index if family.startswith("flux2") else flux_index)(cfg, dtype)
+            out[component] = flux_index(cfg, dtype)
         else:
             out[component] = clip_index(**cfg, dtype=dtype)
     return out

@@ -15,7 +15,7 @@ def _ensure_host_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
-_FAMILIES = ["sd", "sd2", "sdxl", "flux", "flux2", "flux2_klein_4b", "flux2_klein_9b"]
+_FAMILIES = ["sd", "sd2", "sdxl", "flux", "flux2", "flux2_klein_4b", "flux2_klein_9b", "z_image", "ltx2"]
 
 
 def _model_options(p: argparse.ArgumentParser, verb: str) -> None:

@@ -36,6 +36,8 @@ FORMAT_FAMILIES = {
     "lumina2": "lumina2",
     "flux2": "flux2",
     "kohya_flux2": "flux2",
+    "z_image": "z_image",
+    "ltx2": "ltx2",
 }
 # kohya sd-scripts training metadata shown in the text output (all `ss_*` keys go to --json).
 TRAINING_SHOWN = (
@@ -97,18 +99,18 @@ def check_file(path: str, *, family: str | None = None, allow_pickle: bool = Fal
         )
         return out
     try:
-        # Keys several families share (Flux.1 and Flux.2 BFL names) are read as the targets' family's.
-        for_targets = engine.matching_formats(tensors.keys(), target_modules(targets))
+        # Keys several families share (Flux.1 and Flux.2 BFL names, Lumina-2 and Z-Image) are read as the targets' family's.
+        for_targets = engine.matching_formats(tensors.keys(), target_modules(targets), family)
         if len(for_targets) == 1 and for_targets[0].name != fmt.name:
             fmt = for_targets[0]
             out["records"], out["unmatched"] = engine.build_records(fmt, tensors)
             out["format"] = fmt.name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, out["report"] = _convert(tensors, header, targets, strict=False, origin=origin)
+            _, out["report"] = _convert(tensors, header, targets, strict=False, origin=origin, family=family)
             if out["report"].malformed:  # a module that does not fit: the typed error strict loading raises
                 try:
-                    _convert(tensors, header, targets, strict=True, origin=origin)
+                    _convert(tensors, header, targets, strict=True, origin=origin, family=family)
                 except JloraError as e:
                     out["error"] = e
     except JloraError as e:
@@ -195,6 +197,8 @@ def inspect_file(path: str, *, family: str | None = None, allow_pickle: bool = F
     info["unplaced"] = dict(report.unplaced) if report is not None else {}
     info["skipped"] = dict(report.skipped) if report is not None else {}
     info["malformed"] = dict(report.malformed) if report is not None else {}
+    info["redundant"] = dict(report.redundant) if report is not None else {}
+    info["also_read_as"] = list(report.also_read_as) if report is not None else []
     info["components"] = _component_summary(checked["records"], report, metadata)
     problems = len(info["unmatched"]) + len(info["unplaced"]) + len(info["malformed"])
     if checked["error"] is not None:
@@ -255,6 +259,10 @@ def format_inspection(info: dict[str, Any]) -> str:
             lines.append(f"    {key[3:]:<22}{_short(info['training'][key])}")
     for name, c in info["components"].items():
         lines.append(_component_line(name, c))
+    if info.get("redundant"):
+        lines.append(f"  left out   {len(info['redundant'])} keys that repeat split keys of the file (as diffusers does)")
+    if info.get("also_read_as"):
+        lines.append(f"  also read  as {', '.join(info['also_read_as'])}")
     if info.get("skipped"):
         comps = sorted(set(info["skipped"].values()))
         lines.append(f"  not checked {len(info['skipped'])} keys of components {comps} (no shapes for them)")

@@ -2,6 +2,7 @@
 
 Usage: `python newest_ref.py spec.json`. Writes `out` (npz) and `out.json` beside it. Ops:
 * `state_dict`: the seeded model's weights.
+* `shapes`: the model's parameter shapes, built on the meta device (`info.shapes`).
 * `batch`: several of these in one process (`cases`); outputs are prefixed `<i>/`.
 * `fused`: the seeded model's weights (`base/...`), then the LoRA loaded by `<mixin>.lora_state_dict` +
   `load_lora_into_<component>` and fused at `scale` (`fused/...`); `info.loaded` lists PEFT-wrapped modules.
@@ -42,6 +43,16 @@ def _arrays(model, prefix):
 
 def op_state_dict(spec):
     return _arrays(_model(spec), ""), {}
+
+
+def op_shapes(spec):
+    """The parameter shapes of `model` built from `config` on the meta device (no memory: released-model sizes)."""
+    import diffusers
+
+    where = importlib.import_module(spec["module"]) if spec.get("module") else diffusers
+    with torch.device("meta"):
+        model = getattr(where, spec["model"])(**spec["config"])
+    return {}, {"shapes": {k: list(v.shape) for k, v in model.state_dict().items()}}
 
 
 def op_fused(spec):

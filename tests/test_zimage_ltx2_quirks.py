@@ -317,3 +317,104 @@ def test_ltx2_alpha_files_against_diffusers_on_baked_alphas(ref, name):
     for component, modules in (("transformer", LTX2_ALPHA_MODULES), ("connectors", CONNECTOR_ALPHA_MODULES)):
         changed = assert_fused_equal(got[component], wants[component], bases[component])
         assert changed == {kernel(m) for m, _ in modules.values()} == {kernel(m) for m in infos[component]["loaded"]}
+
+
+# ---- 4. shape indexes and `jlora inspect` ------------------------------------------------------------------------
+
+INDEX_CASES = {  # builder -> (tiny model spec, released config) ; diffusers' defaults are the released models'
+    "z_image_index": (Z_IMAGE, "Z_IMAGE_TURBO"),
+    "ltx2_index": (LTX2, "LTX2_19B"),
+    "ltx2_connectors_index": (CONNECTORS, "LTX2_19B_CONNECTORS"),
+}
+
+
+def mirror_shapes(shapes: dict) -> dict:
+    """`{torch name: shape}` -> `{torch-mirror path: shape}` (as `flat_tree` places arrays, without any arrays)."""
+    out = {}
+    for name, shape in shapes.items():
+        *module, leaf = name.split(".")
+        shape = tuple(shape)
+        if leaf == "weight":
+            leaf = "scale" if len(shape) == 1 else "kernel"
+            shape = shape if len(shape) < 2 else (*shape[2:], shape[1], shape[0])
+        out[tuple(module) + (leaf,)] = shape
+    return out
+
+
+def test_z_image_and_ltx2_indexes_match_the_models():
+    """Each index has exactly the torch-mirror leaves and shapes of diffusers 0.42.1's model: the tiny seeded models'
+    state dicts, and the models built from diffusers' default configs on the meta device (released sizes)."""
+    from converters import architectures_dit as A
+
+    specs = []
+    for spec, _ in INDEX_CASES.values():
+        specs += [dict(op="state_dict", **spec),
+                  dict(op="shapes", model=spec["model"], module=spec.get("module"), config={})]
+    arrays, info = newest.call("batch", cases=specs)
+    for i, (name, (spec, released)) in enumerate(INDEX_CASES.items()):
+        tiny = {k[len(f"{2 * i}/"):]: v for k, v in arrays.items() if k.startswith(f"{2 * i}/")}
+        want = {p: a.shape for p, a in flat_tree(tiny).items()}
+        assert {p: s for p, (s, _) in getattr(A, name)(spec["config"]).items()} == want, name
+        index = getattr(A, name)(getattr(A, released))
+        assert {p: s for p, (s, _) in index.items()} == mirror_shapes(info["cases"][2 * i + 1]["shapes"]), name
+    index = A.z_image_index()
+    assert index[kernel("layers.29.feed_forward.w1")][0] == (3840, 10240)
+    assert index[kernel("layers.0.adaLN_modulation.0")][0] == (256, 15360)
+    index = A.ltx2_index()
+    assert index[kernel("transformer_blocks.47.audio_to_video_attn.to_q")][0] == (4096, 2048)
+    assert A.ltx2_connectors_index()[kernel("text_proj_in")][0] == (188160, 3840)
+
+
+def _rank1(path, modules: dict) -> str:
+    """A rank-1 file: `{key stem: ((in, out), down name, up name)}` (no weights needed to inspect it)."""
+    rng, t = _rng(30), {}
+    for stem, ((n_in, n_out), down, up) in modules.items():
+        t[f"{stem}.{down}"] = rng.standard_normal((1, n_in)).astype(np.float32)
+        t[f"{stem}.{up}"] = rng.standard_normal((n_out, 1)).astype(np.float32)
+    save_file(t, str(path))
+    return str(path)
+
+
+def _fits(info: dict) -> bool:
+    return "error" not in info and info["targets"] > 0 and not info["unplaced"] and not info.get("malformed")
+
+
+def test_inspect_z_image_and_ltx2_files(tmp_path, capsys):
+    """`jlora inspect` knows Z-Image-Turbo's and LTX-2 19B's shapes: files fit their family (guessed from the format,
+    or given with --family) and not the other's; Lumina-2 / Z-Image shared names are Z-Image with --family z_image."""
+    import json
+
+    from jlora.cli import main
+    from jlora.inspection import inspect_file
+
+    lora = ("lora_A.weight", "lora_B.weight")
+    z = _rank1(tmp_path / "z.safetensors", {
+        "diffusion_model.layers.29.attention.to_q": ((3840, 3840), *lora),
+        "diffusion_model.all_x_embedder.2-1": ((64, 3840), *lora),
+        "lora_unet_noise_refiner_1_feed_forward_w2": ((10240, 3840), "lora_down.weight", "lora_up.weight")})
+    info = inspect_file(z)
+    assert info["format"] == "z_image" and info["family"] == "z_image" and _fits(info), info.get("error")
+    assert info["weights"] == 3 and info["components"]["transformer"]["placed_modules"] == 3
+    assert not _fits(inspect_file(z, family="ltx2"))
+    shared = _rank1(tmp_path / "shared.safetensors", {
+        "diffusion_model.layers.29.feed_forward.w1": ((3840, 10240), *lora),
+        "diffusion_model.context_refiner.1.feed_forward.w3": ((3840, 10240), *lora)})
+    assert inspect_file(shared)["format"] == "lumina2"  # by its keys alone
+    assert main(["inspect", shared, "--family", "z_image", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "z_image" and info["family"] == "z_image" and _fits(info) and info["weights"] == 2
+
+    ltx = _rank1(tmp_path / "ltx2.safetensors", {
+        "diffusion_model.patchify_proj": ((128, 4096), *lora),
+        "diffusion_model.transformer_blocks.47.audio_to_video_attn.to_q": ((4096, 2048), *lora),
+        "diffusion_model.av_ca_v2a_gate_adaln_single.linear": ((2048, 2048), *lora),
+        "text_embedding_projection.aggregate_embed": ((188160, 3840), *lora),
+        "text_embedding_projection.audio_connector.transformer_blocks.1.ff.net.2": ((15360, 3840), *lora)})
+    assert main(["inspect", ltx]) == 0
+    text = capsys.readouterr().out
+    assert "format      ltx2  (checked against family ltx2, guessed)" in text
+    info = inspect_file(ltx)
+    assert _fits(info) and info["weights"] == 5, info.get("error")
+    assert {c: v["placed_modules"] for c, v in info["components"].items()} == {"transformer": 3, "connectors": 2}
+    assert main(["inspect", ltx, "--family", "z_image"]) == 1
+    assert "cannot place" in capsys.readouterr().out
