@@ -555,8 +555,9 @@ def test_full_diffs_by_the_format_math(ref, family, tmp_path):
 
 
 def test_z_image_bad_fused_qkv_and_duplicates_are_typed_errors(ref):
-    """A fused `qkv` whose rows do not split in thirds, and a `qkv` next to the split keys it duplicates (diffusers
-    drops the fused one silently), are typed errors naming the keys; the caller's dict is left as it was."""
+    """A fused `qkv` whose rows do not split in thirds, and a `qkv` next to only some of the split keys it would
+    duplicate (diffusers drops the fused one; see tests/test_zimage_ltx2_quirks.py for the full repeat), are typed
+    errors naming the keys; the caller's dict is left as it was."""
     base, _, _ = ref["results"][("z_dm_kohya", "transformer")]
     trees = {"transformer": nested(flat_tree(base))}
     rng = _rng(10)
