@@ -425,23 +425,30 @@ BROKEN = {
 }
 
 
+def _refused_then_reported(tensors, path, error, match):
+    """Save `tensors` to `path`; loading it strictly raises `error` (matching `match`), and with
+    strict=False warns and returns `(adapters, report)`."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    params = {c: _refs()[c].flax_params for c in COMPONENTS}
+    with pytest.raises(error, match=match):
+        jlora.load_lora_weights(path, params)
+    with pytest.warns(UserWarning):
+        return jlora.load_lora_weights(path, params, strict=False, return_report=True)
+
+
 def test_malformed_modules_are_reported_and_the_rest_loads(networks, tmp_path):
     """One broken module per new kind (GLoRA factors that do not chain, non-square OFT blocks, a rescale of
     the wrong size, an IA3 on_input that is not 0/1, an IA3 weight that does not fit its layer): strict=False
     reports each (key, shapes, reason) and loads every other module; strict=True raises a typed error."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     tensors = load_file(str(networks("mixed")["path"]))
     for prefix, (suffix, breaks, _) in BROKEN.items():
         key = f"{prefix}.{suffix}"
         tensors[key] = breaks(tensors[key]).contiguous()
-    path = tmp_path / "broken.safetensors"
-    save_file(tensors, str(path))
-    params = {c: _refs()[c].flax_params for c in COMPONENTS}
-    with pytest.raises(jlora.errors.JloraError):
-        jlora.load_lora_weights(path, params)
-    with pytest.warns(UserWarning):
-        adapters, report = jlora.load_lora_weights(path, params, strict=False, return_report=True)
+    adapters, report = _refused_then_reported(tensors, tmp_path / "broken.safetensors", jlora.errors.JloraError, None)
     for prefix, (suffix, _, reason) in BROKEN.items():
         key = f"{prefix}.{suffix}"
         module_keys = {k for k in tensors if k.startswith(prefix + ".")}
@@ -457,7 +464,7 @@ def test_malformed_modules_are_reported_and_the_rest_loads(networks, tmp_path):
 def test_tlora_on_a_3x3_conv_is_reported_and_the_rest_loads(networks, tmp_path):
     """LyCORIS 4.1.3 builds T-LoRA on a 3x3 conv with 1x1 factors (q_layer (r, in, 1, 1)) that its own
     forward cannot add to the layer's output; jlora names the module and the shapes instead of guessing."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     tensors = load_file(str(networks("tlora")["path"]))
     prefix = "lora_unet_down_blocks_0_resnets_0_conv1"
@@ -470,31 +477,21 @@ def test_tlora_on_a_3x3_conv_is_reported_and_the_rest_loads(networks, tmp_path):
         f"{prefix}.lambda_layer": torch.rand(1, 4, generator=gen),
         f"{prefix}.alpha": torch.tensor(2.0),
     })
-    path = tmp_path / "tlora_conv3x3.safetensors"
-    save_file(tensors, str(path))
-    params = {c: _refs()[c].flax_params for c in COMPONENTS}
-    with pytest.raises(jlora.errors.ShapeMismatchError, match=f"{prefix}.q_layer.weight.*3x3 conv"):
-        jlora.load_lora_weights(path, params)
-    with pytest.warns(UserWarning):
-        adapters, report = jlora.load_lora_weights(path, params, strict=False, return_report=True)
+    adapters, report = _refused_then_reported(tensors, tmp_path / "tlora_conv3x3.safetensors",
+                                              jlora.errors.ShapeMismatchError, f"{prefix}.q_layer.weight.*3x3 conv")
     assert {k for k in report.malformed} == {k for k in tensors if k.startswith(prefix + ".")}
     want = sum(map(jlora.count, networks("tlora")["adapters"].values())) - 1
     assert sum(map(jlora.count, adapters.values())) == want
 
 
 def test_tlora_factors_that_do_not_chain_are_refused(networks, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     tensors = load_file(str(networks("tlora")["path"]))
     key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lambda_layer"
     tensors[key] = tensors[key][:, :-1].contiguous()
-    path = tmp_path / "tlora_bad.safetensors"
-    save_file(tensors, str(path))
-    params = {c: _refs()[c].flax_params for c in COMPONENTS}
-    with pytest.raises(jlora.errors.InvalidAdapterError, match=r"T-LoRA factors do not chain.*lambda_layer \(1, 3\)"):
-        jlora.load_lora_weights(path, params)
-    with pytest.warns(UserWarning):
-        _, report = jlora.load_lora_weights(path, params, strict=False, return_report=True)
+    _, report = _refused_then_reported(tensors, tmp_path / "tlora_bad.safetensors", jlora.errors.InvalidAdapterError,
+                                       r"T-LoRA factors do not chain.*lambda_layer \(1, 3\)")
     assert key in report.malformed
 
 
