@@ -12,7 +12,7 @@ import numpy as np
 from converters import convert as _convert
 from converters import get_family, layout_lycoris, read_state_dict
 from converters.formats.peft import parse_metadata
-from jlora.errors import JloraError, KeyMismatchError
+from jlora.errors import InvalidAdapterError, JloraError, KeyMismatchError
 from jlora.leaf import DiffLeaf, DoraLeaf, LohaLeaf, LokrLeaf, LoraLeaf, SetLeaf
 from jlora.leaf_lycoris import BoftLeaf, GloraLeaf, Ia3Leaf, OftLeaf
 
@@ -190,6 +190,13 @@ def _with_bases(params: PyTree, placements) -> list:
         return placements
     wanted = {p.path for p in placements if p.leaf == "tlora"}
     kernels = {path_of(kp): v for kp, v in jax.tree_util.tree_leaves_with_path(params) if path_of(kp) in wanted}
+    for p in placements:
+        if p.leaf == "tlora" and isinstance(kernels[p.path], jax.ShapeDtypeStruct):
+            raise InvalidAdapterError(
+                f"{p.record.sources['tlora_q']}: a T-LoRA delta subtracts the truncated SVD of the base weight "
+                f"{'/'.join(p.path)} {tuple(kernels[p.path].shape)}, but the params hold only its shape; load it onto "
+                "params with their values (not jlora.abstract_params or jax.eval_shape output)."
+            )
     return [dataclasses.replace(p, leaf="lora", fields=layout_lycoris.with_tlora_base(p.fields, kernels[p.path]))
             if p.leaf == "tlora" else p for p in placements]
 

@@ -495,6 +495,13 @@ def test_tlora_factors_that_do_not_chain_are_refused(networks, tmp_path):
     assert key in report.malformed
 
 
+def test_tlora_onto_shape_only_params_is_refused(networks):
+    """T-LoRA needs the base weight's values; params that hold only shapes get a typed error, not a crash."""
+    params = {c: jax.eval_shape(lambda p: p, _refs()[c].flax_params) for c in COMPONENTS}
+    with pytest.raises(jlora.errors.InvalidAdapterError, match=r"q_layer\.weight.*truncated SVD.*only its shape"):
+        jlora.load_lora_weights(networks("tlora")["path"], params)
+
+
 def test_glora_tucker_matches_lycoris_formula(networks, tmp_path):
     """GLoRA with a Tucker core `bm.weight` (LyCORIS 4.1.3 reads it but its network never makes one: its
     `use_tucker` test needs a 1x1 and a larger kernel at once). Reference: LyCORIS's own GLoRA weight
