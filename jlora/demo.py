@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jlora
+from jlora.models.random_init import random_params
 
 UNET_CONFIG = dict(
     sample_size=16,
@@ -183,8 +184,7 @@ def run(out: str | None = None) -> int:
     print(f"jax {jax.__version__} on {len(jax.devices())} {jax.devices()[0].platform} devices; files in {out}\n")
 
     unet = FlaxUNet2DConditionModel(**UNET_CONFIG)
-    params = jax.jit(unet.init_weights)(jax.random.key(0))
-    params = jax.tree.map(lambda x: x, dict(params))
+    params = dict(random_params(dict(jax.eval_shape(unet.init_weights, jax.random.key(0))), seed=0))
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
     # 1. A LoRA file, as diffusers writes them, generated from random factors.

@@ -33,6 +33,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jlora
 from jlora import training
+from jlora.models.random_init import random_params
 
 TRAIN_TIMESTEPS = 1000
 TEXT_LEN = 7
@@ -87,7 +88,7 @@ def build_unet(args):
 
         return FlaxUNet2DConditionModel.from_pretrained(args.unet, dtype=jnp.float32)
     module = tiny_unet(args)
-    return module, jax.jit(module.init_weights)(jax.random.key(args.seed))
+    return module, random_params(jax.eval_shape(module.init_weights, jax.random.key(args.seed)), args.seed)
 
 
 def param_shardings(params, mesh):

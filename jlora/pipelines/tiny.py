@@ -12,7 +12,8 @@ import os
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
+
+from jlora.models.random_init import random_params
 
 WORDS = ("a photo of the cat dog in on with red blue green painting style an astronaut riding horse "
          "mountain river city night light portrait landscape").split()
@@ -71,17 +72,17 @@ def tiny_sd(directory: str, seed: int = 0, *, sample_size: int = 32):
     n = len(tok)
     cfg = CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=32, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=1)
-    clip = FlaxCLIPTextModel(cfg, seed=seed, _do_init=True)
+    clip = FlaxCLIPTextModel(cfg, seed=seed, _do_init=False)
     unet = FlaxUNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                                     layers_per_block=1, cross_attention_dim=32, attention_head_dim=(2, 4),
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     vae = FlaxAutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, sample_size=2 * sample_size)
-    keys = jax.random.split(jax.random.key(seed), 2)
-    params = {"text_encoder": jax.tree.map(jnp.asarray, clip.params),
-              "unet": jax.tree.map(jnp.asarray, dict(jax.jit(unet.init_weights)(keys[0]))),
-              "vae": jax.tree.map(jnp.asarray, dict(jax.jit(vae.init_weights)(keys[1])))}
+    key = jax.random.key(seed)
+    shapes = {"text_encoder": jax.eval_shape(lambda k: clip.init_weights(k, (1, cfg.max_position_embeddings)), key),
+              "unet": jax.eval_shape(unet.init_weights, key), "vae": jax.eval_shape(vae.init_weights, key)}
+    params = {name: dict(random_params(dict(tree), seed + i)) for i, (name, tree) in enumerate(shapes.items())}
     sched = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
              "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
     return StableDiffusion("sd", directory, [tok], [clip], unet, vae, params, sched, 0.18215, 2)
