@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jlora.models.random_init import random_params
+from jlora.models import random_params
 
 
 class Net(nn.Module):

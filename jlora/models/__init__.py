@@ -6,6 +6,7 @@ from jlora.models.checkpoint import component_spec
 from jlora.models.checkpoint import fsdp
 from jlora.models.checkpoint import fsdp_shardings
 from jlora.models.checkpoint import load_component
+from jlora.models.random_init import random_params
 from jlora.models.single_file import load_single_file
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "fsdp_shardings",
     "load_component",
     "load_single_file",
+    "random_params",
 ]
