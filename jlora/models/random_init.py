@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-EMBEDDING_STD = 0.02
-OTHER_STD = 0.02
+STD = 0.02  # embeddings and any other leaf that is not a kernel, bias or scale
 
 
 def _leaf_name(path) -> str:
@@ -33,23 +32,22 @@ def _draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nda
     if name == "kernel" and len(shape) >= 2:
         fan_in = math.prod(shape[:-1])
         return (rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32)
-    std = EMBEDDING_STD if name == "embedding" else OTHER_STD
-    return (std * rng.standard_normal(shape)).astype(np.float32)
+    return (STD * rng.standard_normal(shape)).astype(np.float32)
 
 
-def random_params(shapes: Any, seed: int = 0, *, dtype: Any = None) -> Any:
+def random_params(shapes: Any, seed: int = 0) -> Any:
     """A params pytree shaped like `shapes` (arrays or `jax.ShapeDtypeStruct`s) with random weights.
 
     Leaves named `kernel` get a normal of std `1/sqrt(fan_in)` (fan_in: every axis but the last),
     `bias` zeros, `scale` ones, anything else (`embedding`, ...) a normal of std 0.02. Each leaf
     follows from `seed` and its key path alone, so a tree's weights do not change when unrelated
-    leaves are added. `dtype` (default: each leaf's own) casts the result.
+    leaves are added. Each leaf keeps its own dtype.
     """
     def leaf(path, x):
         key = jax.tree_util.keystr(path)
         stream = np.frombuffer(key.encode(), np.uint8).astype(np.uint32).tolist()
         rng = np.random.default_rng([seed, *stream])
         value = _draw(_leaf_name(path), tuple(x.shape), rng)
-        return jnp.asarray(value, dtype or x.dtype)
+        return jnp.asarray(value, x.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
