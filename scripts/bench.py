@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="only the LoRA training benchmark (jlora vs diffusers+PEFT)")
     parser.add_argument("--no-base", action="store_true", help="--train: skip the base-weights forward+backward rows")
     parser.add_argument("--train-side", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--step-side", choices=STEP_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", type=int, default=16, help="--generate: number of prompts N")
     parser.add_argument("--batch", type=int, help="--generate: batch size (default 8); --train: batch (default 4)")
     parser.add_argument("--steps", type=int,
@@ -218,6 +219,9 @@ def main() -> None:
         side = _train_side_jax if args.train_side == "jax" else _train_side_torch
         result = side(args.size, args.rank, args.batch or 4, args.steps or 5, args.repeat, not args.no_base)
         print(_RESULT + json.dumps(result), flush=True)
+        return
+    if args.step_side:
+        print(_RESULT + json.dumps(_step_side(args.size, args.rank, args.step_side, args.repeat)), flush=True)
         return
     if args.train:
         bench_train(args.size, args.rank, args.batch or 4, args.steps or 5, args.repeat, not args.no_base)
@@ -246,12 +250,12 @@ def main() -> None:
         return
     if not args.step_only:
         rows += _load_rows(ref, path, args.repeat)
-    adapter = jlora.load_lora(path, ref.flax_params, "unet")
-    step_rows, a = _step_rows(ref, adapter, args.repeat)
+    step_rows, a = _step_rows(args.size, args.rank, args.repeat)
     rows += step_rows
     if args.step_only:
         _print_unet(args, ref, path, n_modules, rows)
         return
+    adapter = jlora.load_lora(path, ref.flax_params, "unet")
 
     # 3. Fusing.
     rows += _fuse_rows(ref, adapter, args.repeat)
@@ -269,7 +273,7 @@ def main() -> None:
     tb = _time(lambda: R.torch_forward(ref.torch_model, ref), args.repeat)
     tl = _time(lambda: R.torch_forward(model, ref, scale=0.8), args.repeat)
     rows.append(("torch step: diffusers+PEFT LoRA / base", tl, tb, "PEFT's unfused overhead"))
-    rows.append(("step: jlora LoRA (jax) / diffusers LoRA (torch)", a, tl, "same CPU, different frameworks"))
+    rows.append(("step: jlora LoRA, strategy auto (jax) / diffusers LoRA (torch)", a, tl, "same CPU, different frameworks"))
 
     _print_unet(args, ref, path, n_modules, rows)
 
@@ -314,31 +318,70 @@ def _fuse_rows(ref, adapter, repeat: int) -> list:
             ("fuse (jlora) ms, for the row below", times["fuse"], None, "")]
 
 
-def _step_rows(ref, adapter, repeat: int):
-    """Rows: the jitted step with the LoRA per call (merge / unmerged / auto strategy) vs base and fused.
-    Returns the rows and the merged-strategy step time."""
-    fn = R.flax_apply_fn(ref)
+STEP_VARIANTS = ("merge", "unmerged", "auto", "fused")
+
+
+def _step_inputs(ref) -> dict:
+    """The UNet inputs with a 77-token text context (the CFG batch of 2 of `ref.inputs`)."""
     context = ref.inputs["encoder_hidden_states"]
     text = np.random.default_rng(2).standard_normal((context.shape[0], TEXT_TOKENS, context.shape[-1]))
-    inputs = dict(ref.inputs, encoder_hidden_states=text.astype(np.float32))  # CFG batch of 2, 77 text tokens
+    return dict(ref.inputs, encoder_hidden_states=text.astype(np.float32))
+
+
+def _step_side(size: str, rank: int, variant: str, repeat: int) -> dict:
+    """One step variant beside the base step, interleaved in this process: the LoRA per call with
+    `strategy=variant`, or (`"fused"`) the base step on fused params."""
+    ref = R._unet_ref(f"bench_{size}", _config(size), 0, lambda rng: {})
+    path = R.make_peft_lora_file(tempfile.mkdtemp(prefix="jlora-bench-step-"), [ref], rank=rank, alpha=rank * 2,
+                                 pipeline="sd")
+    adapter = jlora.load_lora(path, ref.flax_params, "unet")
+    ref.torch_model = None  # only the jax side runs here: free the torch weights before compiling
+    fn, inputs = R.flax_apply_fn(ref), _step_inputs(ref)
+    params = jax.device_put(ref.flax_params)
     base_step = jax.jit(lambda p, inp: fn(p, **inp))
-    fused = jax.jit(jlora.fuse)(ref.flax_params, adapter, 0.8)
-    runs = {"base": lambda: jax.block_until_ready(base_step(ref.flax_params, inputs)),
-            "fused": lambda: jax.block_until_ready(base_step(fused, inputs))}
-    for strategy in ("merge", "unmerged", "auto"):
-        step = jax.jit(lambda p, a, s, inp, strategy=strategy: jlora.apply(p, a, s, strategy=strategy, apply_fn=fn)(**inp))
-        runs[strategy] = lambda step=step: jax.block_until_ready(step(ref.flax_params, adapter, 0.8, inputs))
+    runs = {"base": lambda: jax.block_until_ready(base_step(params, inputs))}
+    out = {"modules": sum(leaf is not None for leaf in jax.tree.leaves(adapter, is_leaf=jlora.is_adapter_leaf))}
+    if variant == "fused":
+        fused = jax.jit(jlora.fuse)(params, adapter, 0.8)
+        runs[variant] = lambda: jax.block_until_ready(base_step(fused, inputs))
+    else:
+        step = jax.jit(lambda p, a, s, inp: jlora.apply(p, a, s, strategy=variant, apply_fn=fn)(**inp))
+        runs[variant] = lambda: jax.block_until_ready(step(params, adapter, 0.8, inputs))
+        plan = jlora.strategy_plan(fn, params, adapter, **inputs, strategy=variant)
+        out["unmerged"] = sum(d.strategy == "unmerged" for d in plan.values())
     times = _time_interleaved(runs, repeat)
-    b, f = times["base"], times["fused"]
-    plan = jlora.strategy_plan(fn, ref.flax_params, adapter, **inputs)
-    n_unmerged = sum(d.strategy == "unmerged" for d in plan.values())
+    return dict(out, base_ms=times["base"], ms=times[variant], platform=jax.devices()[0].platform)
+
+
+def _run_side(flag: str, value: str, size: str, rank: int, repeat: int, extra: tuple = ()) -> dict:
+    """`bench.py --<flag> <value>` in a fresh interpreter; its result line as a dict (stderr passes through)."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--{flag}", value, "--size", size, "--rank", str(rank),
+           "--repeat", str(repeat), "--clock", CLOCK[0], *extra]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(_RESULT):
+            return json.loads(line[len(_RESULT):])
+    raise RuntimeError(f"--{flag} {value} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+
+
+def _step_rows(size: str, rank: int, repeat: int):
+    """Rows: the jitted step with the LoRA per call (merge / unmerged / auto strategy) and on fused params,
+    each against the base step measured interleaved with it in its own process (one variant per process:
+    at SD-1.5 size all of them compiled in one process exceed 24 GB of host memory).
+    Returns the rows and the auto-strategy step time."""
+    res = {v: _run_side("step-side", v, size, rank, repeat) for v in STEP_VARIANTS}
+    notes = {"merge": "strategy='merge' (the default)", "unmerged": "strategy='unmerged'",
+             "auto": "target <= 1.05; {unmerged} unmerged, {merged} merged", "fused": "fused params"}
+    names = {"merge": "LoRA merged per call", "unmerged": "LoRA unmerged beside layers",
+             "auto": "LoRA strategy='auto'", "fused": "fused params"}
     rows = []
-    rows.append(("jitted step: LoRA merged per call / base", times["merge"], b, "strategy='merge'"))
-    rows.append(("jitted step: LoRA unmerged beside layers / base", times["unmerged"], b, "strategy='unmerged'"))
-    rows.append(("jitted step: LoRA strategy='auto' / base", times["auto"], b,
-                 f"target <= 1.05; {n_unmerged} unmerged, {len(plan) - n_unmerged} merged"))
-    rows.append(("jitted step: fused params / base", f, b, f"fused params; step rows: best of interleaved rounds, {CLOCK[0]} clock"))
-    return rows, times["merge"]
+    for v in STEP_VARIANTS:
+        r = res[v]
+        note = notes[v].format(unmerged=r.get("unmerged"), merged=r["modules"] - (r.get("unmerged") or 0))
+        rows.append((f"jitted step: {names[v]} / base", r["ms"], r["base_ms"], note))
+    rows[-1] = rows[-1][:3] + (rows[-1][3] + f"; each row: own process, best of {repeat} interleaved rounds "
+                               f"with its base, {CLOCK[0]} clock",)
+    return rows, res["auto"]["ms"]
 
 
 def _serving_files(ref, rank: int, k: int) -> list:
@@ -515,7 +558,7 @@ def bench_generate(n: int, k: int, batch: int, steps: int, size: int, repeat: in
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)  # train_text_to_image_lora.py defaults
 TEXT_TOKENS = 77
-_RESULT = "bench-train-result: "
+_RESULT = "bench-side-result: "
 
 
 def _proc_status_kb(field: str) -> int | None:
