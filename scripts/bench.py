@@ -353,11 +353,11 @@ def _step_side(size: str, rank: int, variant: str, repeat: int) -> dict:
     return dict(out, base_ms=times["base"], ms=times[variant], platform=jax.devices()[0].platform)
 
 
-def _run_side(flag: str, value: str, size: str, rank: int, repeat: int, extra: tuple = ()) -> dict:
+def _run_side(flag: str, value: str, size: str, rank: int, repeat: int, extra: tuple = (), env=None) -> dict:
     """`bench.py --<flag> <value>` in a fresh interpreter; its result line as a dict (stderr passes through)."""
     cmd = [sys.executable, os.path.abspath(__file__), f"--{flag}", value, "--size", size, "--rank", str(rank),
            "--repeat", str(repeat), "--clock", CLOCK[0], *extra]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(_RESULT):
             return json.loads(line[len(_RESULT):])
@@ -773,13 +773,8 @@ def _run_train_side(side: str, size: str, rank: int, batch: int, steps: int, rep
     env = dict(os.environ)
     if side == "torch":
         env["JAX_PLATFORMS"] = "cpu"  # the torch side builds its weights with jax's converters: keep jax off the GPU
-    cmd = [sys.executable, os.path.abspath(__file__), "--train-side", side, "--size", size, "--rank", str(rank),
-           "--batch", str(batch), "--steps", str(steps), "--repeat", str(repeat)] + ([] if base else ["--no-base"])
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # stderr (progress, errors) passes through
-    for line in proc.stdout.splitlines():
-        if line.startswith(_RESULT):
-            return json.loads(line[len(_RESULT):])
-    raise RuntimeError(f"--train {side} side failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+    extra = ("--batch", str(batch), "--steps", str(steps)) + (() if base else ("--no-base",))
+    return _run_side("train-side", side, size, rank, repeat, extra, env=env)
 
 
 def bench_train(size: str, rank: int, batch: int, steps: int, repeat: int, base: bool = True) -> None:
