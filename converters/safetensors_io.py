@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import math
+import mmap
 import os
 import stat
 import struct
@@ -85,14 +86,16 @@ def _same_file(path: str, fd: int) -> None:
         raise CorruptFileError(f"{path}: the file was replaced while it was being opened; load it again.")
 
 
-def _refuse_duplicate_keys(path: str, fd: int) -> None:
-    """JSON lets a key repeat (the last one wins); in a weight file that hides tensors, so refuse it."""
+def _refuse_duplicate_keys(path: str, fd: int) -> tuple[int, dict] | None:
+    """JSON lets a key repeat (the last one wins); in a weight file that hides tensors, so refuse it.
+
+    Returns the header's length and its parsed JSON (None where the library is left to name the problem)."""
     head = os.pread(fd, 8, 0)
     if len(head) < 8:
-        return  # the library names the problem
+        return None  # the library names the problem
     (n,) = struct.unpack("<Q", head)
     if n > _MAX_HEADER:
-        return
+        return None
     raw = os.pread(fd, n, 8)
     seen_twice: list[str] = []
 
@@ -103,11 +106,12 @@ def _refuse_duplicate_keys(path: str, fd: int) -> None:
         return out
 
     try:
-        json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        return  # the library names the problem
+        return None  # the library names the problem
     if seen_twice:
         raise _corrupt(path, f"the header names {seen_twice[0]!r} more than once (keys must be unique)")
+    return n, header
 
 
 def _describe(path, e: BaseException) -> CorruptFileError:
@@ -188,13 +192,14 @@ class SafetensorsFile:
     ...     block = f.read("conv_in.weight", (slice(0, 160),))
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, mapped: bool = False):
         self.path = os.fspath(path)
         self.bytes_read = 0  # tensor bytes read so far (slices count only their own bytes)
+        self._map = None
         check_regular_file(self.path)
         fd = _open_regular(self.path)
         try:
-            _refuse_duplicate_keys(self.path, fd)
+            parsed = _refuse_duplicate_keys(self.path, fd)
             self._handle = safetensors.safe_open(self.path, framework="np")
             self._handle.__enter__()
             _same_file(self.path, fd)
@@ -202,6 +207,8 @@ class SafetensorsFile:
             self._keys = list(self._handle.keys())
             self._slices = {k: self._handle.get_slice(k) for k in self._keys}
             self._info = {k: (tuple(int(d) for d in s.get_shape()), s.get_dtype()) for k, s in self._slices.items()}
+            if mapped:
+                self._map, self._starts = self._map_data(fd, parsed)
         except CorruptFileError:
             self.close()
             raise
@@ -214,6 +221,42 @@ class SafetensorsFile:
             if dtype not in _DTYPES:
                 self.close()
                 raise _corrupt(self.path, f"tensor {key!r} has dtype {dtype}, which jlora does not read")
+
+    def _map_data(self, fd: int, parsed):
+        """A read-only memory map of the file and each tensor's byte offset in it, from the header the
+        library validated (a file rewritten in between no longer matches it and is refused)."""
+        if parsed is None:
+            raise _corrupt(self.path, "the header could not be parsed")
+        n, header = parsed
+        try:  # an entry is an object, or (as the library also reads it) a list [dtype, shape, data_offsets]
+            starts = {k: 8 + n + int((header[k]["data_offsets"] if isinstance(header[k], dict) else header[k][2])[0])
+                      for k in self._keys}
+        except (KeyError, TypeError, ValueError, IndexError):
+            starts = None
+        if starts is None or len(header) - ("__metadata__" in header) != len(self._keys):
+            raise CorruptFileError(f"{self.path}: the file changed while it was being opened; load it again.")
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ), starts
+
+    def view(self, key: str) -> np.ndarray:
+        """The tensor `key` as a read-only view into the file's memory map (nothing is copied).
+
+        Only for files opened with `mapped=True`. The view stays valid after `close()`; it reads the
+        file's pages, so copy what is kept (a file truncated while viewed cannot be read)."""
+        if self._map is None:
+            raise ValueError(f"{self.path}: opened without mapped=True, or closed")
+        shape, _ = self._info[key]
+        dtype = self.dtype(key)
+        count = math.prod(shape)
+        if count == 0:
+            out = np.empty(shape, dtype)
+            out.flags.writeable = False
+            return out
+        try:
+            out = np.frombuffer(self._map, dtype, count, self._starts[key]).reshape(shape)
+        except ValueError:
+            raise _corrupt(self.path, f"tensor {key!r} lies outside the file (it changed while being read)") from None
+        self.bytes_read += out.nbytes
+        return out
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -247,6 +290,7 @@ class SafetensorsFile:
     def close(self) -> None:
         handle, self._handle = getattr(self, "_handle", None), None
         self._slices = {}
+        self._map = None  # views taken keep the map alive; it unmaps when the last one goes
         if handle is not None:
             with contextlib.suppress(Exception):
                 handle.__exit__(None, None, None)
@@ -284,6 +328,17 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str,
     """Load every tensor of a safetensors file as numpy arrays, plus its string metadata (one open)."""
     with open_file(path) as f:
         return {k: f.read(k) for k in f.keys()}, dict(f.metadata)
+
+
+def map_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a safetensors file as a read-only view into a memory map of it, plus its metadata.
+
+    Validated as `open_file` validates; nothing is copied until a view is read. For callers that
+    convert the tensors and copy the result (`jlora.load_lora`): a view reads the file's pages for as
+    long as it lives, so arrays meant to be kept come from `load_file`.
+    """
+    with SafetensorsFile(path, mapped=True) as f:
+        return {k: f.view(k) for k in f.keys()}, dict(f.metadata)
 
 
 def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:

@@ -207,19 +207,22 @@ def check_size(key: str, shape, max_elements: int | None, origin: str) -> None:
         )
 
 
-def _read_safetensors(path: str, max_elements: int | None):
-    with safetensors_io.open_file(path) as f:
+def _read_safetensors(path: str, max_elements: int | None, mapped: bool = False):
+    with safetensors_io.SafetensorsFile(path, mapped=mapped) as f:
         for key in f.keys():  # every shape checked before any tensor is read
             check_size(key, f.shape(key), max_elements, path)
-        return {k: f.read(k) for k in f.keys()}, dict(f.metadata)
+        read = f.view if mapped else f.read
+        return {k: read(k) for k in f.keys()}, dict(f.metadata)
 
 
 def read_state_dict(source: Any, *, allow_pickle: bool = False, max_elements: int | None = None,
-                    **resolve_kwargs) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+                    mapped: bool = False, **resolve_kwargs) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     """Read `(tensors, metadata, origin)` from a dict, a file, a directory or a Hub repo.
 
     A dict is copied, never modified. `origin` names where the tensors came from for messages.
     `max_elements`: refuse (`ShapeMismatchError`) any tensor with more elements, before reading it.
+    `mapped`: a safetensors file's tensors are read-only views into its memory map
+    (`safetensors_io.map_file`), for a caller that copies what it keeps.
     """
     if isinstance(source, Mapping):
         tensors = {}
@@ -234,7 +237,7 @@ def read_state_dict(source: Any, *, allow_pickle: bool = False, max_elements: in
         return tensors, {}, "<state dict>"
     path = resolve_path(source, allow_pickle=allow_pickle, **resolve_kwargs)
     if path.endswith(".safetensors"):
-        tensors, metadata = _read_safetensors(path, max_elements)
+        tensors, metadata = _read_safetensors(path, max_elements, mapped)
         return tensors, metadata, path
     if path.endswith(_PICKLE_SUFFIXES):
         if not allow_pickle:
@@ -247,5 +250,5 @@ def read_state_dict(source: Any, *, allow_pickle: bool = False, max_elements: in
             check_size(k, tuple(getattr(v, "shape", ())), max_elements, path)
         return {k: to_numpy(v, k) for k, v in raw.items()}, {}, path
     # Unknown suffix: try safetensors, the only format read without asking.
-    tensors, metadata = _read_safetensors(path, max_elements)
+    tensors, metadata = _read_safetensors(path, max_elements, mapped)
     return tensors, metadata, path

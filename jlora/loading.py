@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
+import concurrent.futures
 import dataclasses
+import os
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -154,22 +155,67 @@ LEAF_TYPES = {"lora": LoraLeaf, "loha": LohaLeaf, "lokr": LokrLeaf, "diff": Diff
 _STATIC = (bool, str, tuple)  # leaf fields that stay on the host (static pytree fields)
 
 
-def _host_field(value, dtype):
+def _host_field(value):
     if isinstance(value, _STATIC):
         return value
     if isinstance(value, (int, float)):
         return np.float32(value)
-    arr = np.asarray(value)
-    return arr.astype(dtype) if dtype is not None else arr
+    return np.asarray(value)
+
+
+_ALIGN = 64  # the CPU client reads host buffers aligned to this in place instead of copying them
+
+
+def pack_host(arrays, dtype=None) -> list[np.ndarray]:
+    """Copies of `arrays` (cast to `dtype` if given) laid out in one fresh, aligned host buffer.
+
+    The one copy every loaded factor gets: it turns memory-map views and the transposed views of the
+    layout rules into contiguous arrays (one pass each), and leaves no adapter sharing memory with the
+    file or the caller's state dict. On CPU `jax.device_put` then uses the buffer in place.
+    """
+    dtypes = [np.dtype(dtype) if dtype is not None else a.dtype for a in arrays]
+    sizes = [a.size * d.itemsize for a, d in zip(arrays, dtypes)]
+    starts, end = [], 0
+    for n in sizes:
+        starts.append(end)
+        end += -(-n // _ALIGN) * _ALIGN
+    arena = np.empty(end + _ALIGN, np.uint8)
+    first = -arena.ctypes.data % _ALIGN
+    out = [arena[first + start: first + start + n].view(d).reshape(a.shape)
+           for a, d, start, n in zip(arrays, dtypes, starts, sizes)]
+    workers = min(_COPY_THREADS, max(1, end // _BYTES_PER_THREAD))
+    if workers == 1:
+        _copy_all(out, arrays, 0, len(arrays))
+        return out
+    cuts, acc, bounds = [0], 0, [end * (i + 1) // workers for i in range(workers - 1)]
+    for i, n in enumerate(sizes):  # contiguous runs of about equal bytes, one per thread
+        acc += n
+        if len(cuts) <= len(bounds) and acc >= bounds[len(cuts) - 1]:
+            cuts.append(i + 1)
+    cuts.append(len(arrays))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # numpy copies run without the GIL
+        list(pool.map(lambda lo_hi: _copy_all(out, arrays, *lo_hi), zip(cuts[:-1], cuts[1:])))
+    return out
+
+
+_COPY_THREADS = min(8, os.cpu_count() or 1)
+_BYTES_PER_THREAD = 8 << 20  # below this a thread costs more than it saves
+
+
+def _copy_all(dst: list, src: list, lo: int, hi: int) -> None:
+    for i in range(lo, hi):
+        np.copyto(dst[i], src[i], casting="unsafe")
 
 
 def make_leaves(placements, dtype=None) -> list:
     """Adapter leaf objects of converter placements, all arrays moved to the device in one transfer.
 
-    Scalars (alphas, factors) with the same value share one device array.
+    Every array is copied once into a fresh host buffer first (`pack_host`). Scalars (alphas,
+    factors) with the same value share one device array.
     """
-    host = [{k: _host_field(v, dtype) for k, v in p.fields.items()} for p in placements]
-    arrays = [v for fields in host for v in fields.values() if not isinstance(v, _STATIC) and np.ndim(v) > 0]
+    host = [{k: _host_field(v) for k, v in p.fields.items()} for p in placements]
+    arrays = pack_host([v for fields in host for v in fields.values() if not isinstance(v, _STATIC) and np.ndim(v) > 0],
+                       dtype)
     scalars = sorted({float(v) for fields in host for v in fields.values() if not isinstance(v, _STATIC) and np.ndim(v) == 0})
     moved = jax.device_put(arrays + [np.float32(x) for x in scalars])
     moved_scalars = dict(zip(scalars, moved[len(arrays):]))
@@ -223,7 +269,7 @@ def max_target_elements(indexes) -> int:
 def _load(source, targets: Mapping[str, PyTree], *, default_component, format, schemes, strict, dtype, metadata, file_kwargs,
           prefixes=None, family=None):
     indexes = {c: shape_index(p) for c, p in targets.items()}
-    tensors, header, origin = read_state_dict(source, max_elements=max_target_elements(indexes),
+    tensors, header, origin = read_state_dict(source, max_elements=max_target_elements(indexes), mapped=True,
                                               **_split_file_kwargs(file_kwargs))
     if metadata is not None:
         header = {**header, "lora_adapter_metadata": metadata}

@@ -65,7 +65,8 @@ def _write_raw(path, header: bytes, data: bytes, length=None):
     "case",
     ["empty", "short", "length_lies", "not_json", "not_object", "bad_dtype", "out_of_bounds", "overlap", "size_mismatch", "bad_metadata"],
 )
-def test_corrupt_files_raise_typed_error(tmp_path, case):
+@pytest.mark.parametrize("read", [safetensors_io.load_file, safetensors_io.map_file], ids=["load", "map"])
+def test_corrupt_files_raise_typed_error(tmp_path, case, read):
     path = tmp_path / f"{case}.safetensors"
     ok = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     data = b"\0" * 8
@@ -91,34 +92,37 @@ def test_corrupt_files_raise_typed_error(tmp_path, case):
     elif case == "bad_metadata":
         _write_raw(path, json.dumps(dict(ok, __metadata__={"a": 1})).encode(), data)
     with pytest.raises(CorruptFileError) as e:
-        safetensors_io.load_file(path)
+        read(path)
     assert str(path) in str(e.value)
 
 
-def test_truncated_real_file(tmp_path):
+@pytest.mark.parametrize("read", [safetensors_io.load_file, safetensors_io.map_file], ids=["load", "map"])
+def test_truncated_real_file(tmp_path, read):
     path = tmp_path / "t.safetensors"
     safetensors.numpy.save_file(_tensors(), str(path))
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) - 7])
     with pytest.raises(CorruptFileError, match="truncated"):
-        safetensors_io.load_file(path)
+        read(path)
 
 
-def test_reads_exactly_what_the_safetensors_library_reads(tmp_path):
+@pytest.mark.parametrize("read", [safetensors_io.load_file, safetensors_io.map_file], ids=["load", "map"])
+def test_reads_exactly_what_the_safetensors_library_reads(tmp_path, read):
     """Validity is the library's: a header entry written as a positional list is read as it reads it."""
     path = tmp_path / "positional.safetensors"
     data = np.arange(8, dtype=np.float32)
     header = {"w": ["F32", [2, 4], [0, 32]], "v": {"dtype": "F32", "shape": [2], "data_offsets": [32, 40]}}
     _write_raw(path, json.dumps(header).encode(), data.tobytes() + data[:2].tobytes())
-    ours, _ = safetensors_io.load_file(path)
+    ours, _ = read(path)
     ref = safetensors.numpy.load_file(str(path))
     assert sorted(ours) == sorted(ref)
     for k in ref:
         np.testing.assert_array_equal(ours[k], ref[k])
 
 
+@pytest.mark.parametrize("read", [safetensors_io.load_file, safetensors_io.map_file], ids=["load", "map"])
 @pytest.mark.parametrize("case", ["duplicate_key", "two_metadata", "metadata_list"])
-def test_header_ambiguities_are_refused(tmp_path, case):
+def test_header_ambiguities_are_refused(tmp_path, case, read):
     path = tmp_path / f"{case}.safetensors"
     entry = '{"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
     raw = {
@@ -128,7 +132,7 @@ def test_header_ambiguities_are_refused(tmp_path, case):
     }[case]
     _write_raw(path, raw.encode(), b"\0" * 8)
     with pytest.raises(CorruptFileError) as e:
-        safetensors_io.load_file(path)
+        read(path)
     assert str(path) in str(e.value)
 
 
@@ -142,8 +146,9 @@ def test_lazy_slices_read_only_the_block(tmp_path):
         np.testing.assert_array_equal(f.read("w", (slice(5, 6),)), w[5:6])
 
 
+@pytest.mark.parametrize("read", [safetensors_io.load_file, safetensors_io.map_file], ids=["load", "map"])
 @pytest.mark.parametrize("kind", ["directory", "fifo", "symlink_loop"])
-def test_only_regular_files_are_opened(tmp_path, kind):
+def test_only_regular_files_are_opened(tmp_path, kind, read):
     import os
 
     path = tmp_path / "x.safetensors"
@@ -155,5 +160,26 @@ def test_only_regular_files_are_opened(tmp_path, kind):
         os.symlink(tmp_path / "y.safetensors", path)
         os.symlink(path, tmp_path / "y.safetensors")
     with pytest.raises(CorruptFileError) as e:  # a FIFO would block open() forever
-        safetensors_io.load_file(path)
+        read(path)
     assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 3], ids=["aligned", "odd_header", "header_3"])
+def test_mapped_views_equal_the_library_read(tmp_path, pad):
+    """`map_file` gives read-only views equal to what `safetensors` reads, for every dtype, empty tensors
+    and a header whose length leaves the data unaligned."""
+    path = tmp_path / "m.safetensors"
+    data = dict(_tensors(), bf=np.arange(6, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(2, 3),
+                empty=np.zeros((0, 4), np.float32))
+    safetensors.numpy.save_file(data, str(path), metadata={"k": "v"})
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = raw[8:8 + n].rstrip(b" ") + b" " * pad
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+    views, metadata = safetensors_io.map_file(path)
+    ref = safetensors.numpy.load_file(str(path))
+    assert metadata == {"k": "v"} and sorted(views) == sorted(ref)
+    for k, v in ref.items():
+        assert views[k].dtype == v.dtype and views[k].shape == v.shape
+        np.testing.assert_array_equal(views[k], v)
+        assert not views[k].flags.writeable

@@ -299,6 +299,23 @@ def test_state_dict_loads_like_the_file_and_is_not_mutated(lora, params, file_ad
         assert np.array_equal(v, w), k
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_adapters_share_no_memory_with_the_state_dict(tmp_path, refs, params, kind):
+    """Changing the caller's tensors after a load leaves the adapter as loaded. Rank 1 makes the Flax-layout
+    factors contiguous views of the caller's memory, which a device transfer could take over in place."""
+    tensors, header = R.read_lora_file(R.make_peft_lora_file(tmp_path, refs, rank=1, alpha=1, pipeline="sd"))
+    sd = {k: torch.from_numpy(v.copy()) if kind == "torch" else v.copy() for k, v in tensors.items()}
+    adapters = jlora.load_lora_weights(sd, params, family="sd", metadata=json.loads(header["lora_adapter_metadata"]))
+    leaves = [x for x in jax.tree.leaves(adapters, is_leaf=jlora.is_adapter_leaf) if x is not None]
+    before = [(np.array(x.a), np.array(x.b)) for x in leaves]
+    for v in sd.values():
+        v[...] = 7
+    assert len(leaves) > 0
+    for x, (a, b) in zip(leaves, before):
+        np.testing.assert_array_equal(np.asarray(x.a), a)
+        np.testing.assert_array_equal(np.asarray(x.b), b)
+
+
 def test_state_dict_without_metadata_uses_alpha_equal_rank(lora, params):
     """No header and no `.alpha` keys: alpha = rank (scale 1), as diffusers does for such files."""
     adapters, report = jlora.load_lora_weights(dict(lora[1]), params, family="sd", return_report=True)
