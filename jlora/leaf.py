@@ -154,6 +154,12 @@ class LoraLeaf(_LowRank, AdapterLeaf):
         d = _low_rank(self.a, self.b)
         return d * (_per_layer(self.alpha, d.ndim) / self.rank)
 
+    def merge(self, w: jax.Array, scale) -> jax.Array:
+        """`w + scale * delta()`, with `scale * alpha / r` applied to the small factor `b`: the product is then
+        the last op before the add, and no pass over a weight-sized array is spent on scaling."""
+        b = _f32(self.b) * (_per_layer(self.alpha, jnp.ndim(self.b)) * (_f32(scale) / self.rank))
+        return _f32(w) + _low_rank(self.a, b)
+
     def partition_specs(self, spec: tuple):
         if jnp.ndim(self.b) == 3:  # stacked: layer axis first
             return LoraLeaf(a=P(*spec[:-1], None), b=P(spec[0], None, spec[-1]), alpha=P(spec[0]))
