@@ -166,40 +166,28 @@ def _host_field(value):
 _ALIGN = 64  # the CPU client reads host buffers aligned to this in place instead of copying them
 
 
-def pack_host(arrays, dtype=None) -> list[np.ndarray]:
-    """Copies of `arrays` (cast to `dtype` if given) laid out in one fresh, aligned host buffer.
-
-    The one copy every loaded factor gets: it turns memory-map views and the transposed views of the
-    layout rules into contiguous arrays (one pass each), and leaves no adapter sharing memory with the
-    file or the caller's state dict. On CPU `jax.device_put` then uses the buffer in place.
-    """
-    dtypes = [np.dtype(dtype) if dtype is not None else a.dtype for a in arrays]
-    sizes = [a.size * d.itemsize for a, d in zip(arrays, dtypes)]
-    starts, end = [], 0
-    for n in sizes:
-        starts.append(end)
-        end += -(-n // _ALIGN) * _ALIGN
-    arena = np.empty(end + _ALIGN, np.uint8)
-    first = -arena.ctypes.data % _ALIGN
-    out = [arena[first + start: first + start + n].view(d).reshape(a.shape)
-           for a, d, start, n in zip(arrays, dtypes, starts, sizes)]
-    workers = min(_COPY_THREADS, max(1, end // _BYTES_PER_THREAD))
-    if workers == 1:
-        _copy_all(out, arrays, 0, len(arrays))
-        return out
-    cuts, acc, bounds = [0], 0, [end * (i + 1) // workers for i in range(workers - 1)]
-    for i, n in enumerate(sizes):  # contiguous runs of about equal bytes, one per thread
-        acc += n
-        if len(cuts) <= len(bounds) and acc >= bounds[len(cuts) - 1]:
-            cuts.append(i + 1)
-    cuts.append(len(arrays))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # numpy copies run without the GIL
-        list(pool.map(lambda lo_hi: _copy_all(out, arrays, *lo_hi), zip(cuts[:-1], cuts[1:])))
-    return out
-
-
+_CHUNK_BYTES = 8 << 20  # arrays per host buffer and copy job (buffers this size are reused by the allocator)
 _COPY_THREADS = min(8, os.cpu_count() or 1)
-_BYTES_PER_THREAD = 8 << 20  # below this a thread costs more than it saves
+
+
+def _packed_views(arrays, dtypes) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Uninitialised arrays shaped like `arrays` (with `dtypes`), each aligned, packed in fresh buffers of
+    about `_CHUNK_BYTES`; and the `[lo, hi)` index range each buffer holds."""
+    sizes = [-(-a.size * d.itemsize // _ALIGN) * _ALIGN for a, d in zip(arrays, dtypes)]
+    chunks, lo, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= _CHUNK_BYTES or i == len(sizes) - 1:
+            chunks.append((lo, i + 1))
+            lo, acc = i + 1, 0
+    views = []
+    for lo, hi in chunks:
+        buf = np.empty(sum(sizes[lo:hi]) + _ALIGN, np.uint8)
+        at = -buf.ctypes.data % _ALIGN
+        for a, d, n in zip(arrays[lo:hi], dtypes[lo:hi], sizes[lo:hi]):
+            views.append(buf[at: at + a.size * d.itemsize].view(d).reshape(a.shape))
+            at += n
+    return views, chunks
 
 
 def _copy_all(dst: list, src: list, lo: int, hi: int) -> None:
@@ -207,19 +195,36 @@ def _copy_all(dst: list, src: list, lo: int, hi: int) -> None:
         np.copyto(dst[i], src[i], casting="unsafe")
 
 
+def to_device(arrays, dtype=None) -> list:
+    """`arrays` (cast to `dtype` if given) as device arrays, each copied once on the host first.
+
+    The host copy turns memory-map views and the transposed views of the layout rules into
+    contiguous, aligned arrays (on CPU the device then uses them in place), and leaves no adapter
+    sharing memory with the file or the caller's state dict. The copies run in threads, one
+    buffer each; then one batched transfer moves them all (overlapping the two was slower: the
+    transfer holds the interpreter while the copies need the cores).
+    """
+    arrays = list(arrays)
+    host, chunks = _packed_views(arrays, [np.dtype(dtype) if dtype is not None else a.dtype for a in arrays])
+    if len(chunks) <= 1 or _COPY_THREADS == 1:
+        _copy_all(host, arrays, 0, len(arrays))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(_COPY_THREADS, len(chunks))) as pool:  # copies run without the GIL
+            list(pool.map(lambda lo_hi: _copy_all(host, arrays, *lo_hi), chunks))
+    return list(jax.device_put(host))
+
+
 def make_leaves(placements, dtype=None) -> list:
     """Adapter leaf objects of converter placements, all arrays moved to the device in one transfer.
 
-    Every array is copied once into a fresh host buffer first (`pack_host`). Scalars (alphas,
-    factors) with the same value share one device array.
+    Every array is copied once on the host first (`to_device`). Scalars (alphas, factors) with the
+    same value share one device array.
     """
     host = [{k: _host_field(v) for k, v in p.fields.items()} for p in placements]
-    arrays = pack_host([v for fields in host for v in fields.values() if not isinstance(v, _STATIC) and np.ndim(v) > 0],
-                       dtype)
+    moved = iter(to_device([v for fields in host for v in fields.values() if not isinstance(v, _STATIC) and np.ndim(v) > 0],
+                           dtype))
     scalars = sorted({float(v) for fields in host for v in fields.values() if not isinstance(v, _STATIC) and np.ndim(v) == 0})
-    moved = jax.device_put(arrays + [np.float32(x) for x in scalars])
-    moved_scalars = dict(zip(scalars, moved[len(arrays):]))
-    moved = iter(moved[: len(arrays)])
+    moved_scalars = dict(zip(scalars, jax.device_put([np.float32(x) for x in scalars])))
     leaves = []
     for p, fields in zip(placements, host):
         kwargs = {

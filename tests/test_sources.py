@@ -316,6 +316,20 @@ def test_adapters_share_no_memory_with_the_state_dict(tmp_path, refs, params, ki
         np.testing.assert_array_equal(np.asarray(x.b), b)
 
 
+def test_dtype_casts_every_factor(lora, params, file_adapters):
+    """`dtype=` casts the factors as numpy casts the file's tensors; alphas stay float32."""
+    cast = jlora.load_lora_weights(lora[0], params, family="sd", dtype=ml_dtypes.bfloat16)
+    pairs = [(g, w) for c in params
+             for g, w in zip(jax.tree.leaves(cast[c], is_leaf=jlora.is_adapter_leaf),
+                             jax.tree.leaves(file_adapters[c], is_leaf=jlora.is_adapter_leaf)) if w is not None]
+    assert pairs
+    for g, w in pairs:
+        for x, y in ((g.a, w.a), (g.b, w.b)):
+            assert x.dtype == ml_dtypes.bfloat16
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y).astype(ml_dtypes.bfloat16))
+        assert g.alpha.dtype == np.float32 and float(g.alpha) == float(w.alpha)
+
+
 def test_state_dict_without_metadata_uses_alpha_equal_rank(lora, params):
     """No header and no `.alpha` keys: alpha = rank (scale 1), as diffusers does for such files."""
     adapters, report = jlora.load_lora_weights(dict(lora[1]), params, family="sd", return_report=True)
