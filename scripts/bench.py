@@ -189,6 +189,77 @@ def bench_kohya_sdxl(repeat: int) -> None:
     )
 
 
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # the modules diffusers' SDXL LoRA scripts train
+
+
+def write_sdxl_peft(directory: str, rank: int, seed: int = 0) -> str:
+    """A diffusers (PEFT) LoRA of rank `rank` on every attention projection of the SDXL UNet (fp16, no
+    header: alpha = rank), as `<directory>/pytorch_lora_weights.safetensors`; returns the path."""
+    from converters.architectures import family_indexes
+    from converters.naming import get_scheme
+    from converters.safetensors_io import save_file
+
+    rng, out, scheme = np.random.default_rng(seed), {}, get_scheme("diffusers_flax")
+    for p, (shape, _) in family_indexes("sdxl")["unet"].items():
+        module = scheme.to_module(p[:-1]) if p[-1] == "kernel" and len(shape) == 2 else ""
+        if module.endswith(tuple("." + m for m in ATTENTION)):
+            out[f"unet.{module}.lora_A.weight"] = (rng.standard_normal((rank, shape[0])) * 0.01).astype(np.float16)
+            out[f"unet.{module}.lora_B.weight"] = (rng.standard_normal((shape[1], rank)) * 0.01).astype(np.float16)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, R.LORA_WEIGHT_NAME)
+    save_file(out, path)
+    return path
+
+
+def bench_hotswap_sdxl(repeat: int, rank: int = 64) -> None:
+    """Hotswap at SDXL size: file -> padded adapter written into the previous adapter's buffers (jlora),
+    vs diffusers' `load_lora_adapter(hotswap=True)` on the fp16 UNet, vs a raw read of the same file."""
+    from diffusers import UNet2DConditionModel
+
+    from converters.architectures import SDXL_UNET, family_indexes
+    from jlora import hotswap_template, pad_adapter
+
+    tmp = tempfile.mkdtemp(prefix="jlora-bench-hotswap-")
+    paths = [write_sdxl_peft(os.path.join(tmp, str(i)), r, seed=i) for i, r in enumerate((rank, rank // 2))]
+    params = jlora.abstract_params(family_indexes("sdxl")["unet"])
+    first = jlora.load_lora(paths[0], params, "unet")
+    modules = sum(leaf is not None for leaf in jax.tree.leaves(first, is_leaf=jlora.is_adapter_leaf))
+    current = [hotswap_template(params, rank, targets=[first], dtype=jax.numpy.float16)]
+    del first
+    turn = iter(range(10**9))
+
+    def swap():
+        current[0] = pad_adapter(jlora.load_lora(paths[next(turn) % 2], params, "unet"), current[0], donate=True)
+        return jax.block_until_ready(current[0])
+
+    swap()  # compiles the padding once
+    times = _time_interleaved({"swap": swap, "load": lambda: jax.block_until_ready(jlora.load_lora(paths[0], params, "unet")),
+                               "raw": lambda: safetensors.numpy.load_file(paths[0])}, repeat)
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET, attention_head_dim=(5, 10, 20))
+    unet = unet.to_empty(device="cpu").half()
+    unet.enable_lora_hotswap(target_rank=rank)
+    unet.load_lora_adapter(os.path.dirname(paths[0]), weight_name=R.LORA_WEIGHT_NAME, prefix="unet", adapter_name="default")
+
+    def diffusers_swap():
+        path = paths[next(turn) % 2]
+        unet.load_lora_adapter(os.path.dirname(path), weight_name=R.LORA_WEIGHT_NAME, prefix="unet",
+                               adapter_name="default", hotswap=True)
+
+    dl = _time_interleaved({"diffusers": diffusers_swap}, repeat)["diffusers"]  # the same statistic as jlora's
+    _print(
+        f"\nHotswap on the SDXL UNet: rank {rank} / {rank // 2} LoRAs on {modules} attention projections, "
+        f"{os.path.getsize(paths[0]) / 1e6:.0f} MB fp16 file; jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"torch {torch.__version__}",
+        [
+            ("hotswap SDXL: jlora load+pad(donate) / diffusers hotswap", times["swap"], dl, "target <= 0.5; same file"),
+            ("hotswap SDXL: jlora load+pad(donate) / safetensors.numpy read", times["swap"], times["raw"], "target <= 2"),
+            ("hotswap SDXL: jlora load alone / safetensors.numpy read", times["load"], times["raw"], "the file -> adapter part"),
+        ],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -200,6 +271,7 @@ def main() -> None:
     parser.add_argument("--step-only", action="store_true", help="only the jitted-step rows (LoRA strategies vs base)")
     parser.add_argument("--kohya-sdxl", action="store_true", help="only the real-size SDXL kohya loading benchmark")
     parser.add_argument("--serving", action="store_true", help="only the serving benchmark (hotswap, per-sample LoRAs)")
+    parser.add_argument("--hotswap-sdxl", action="store_true", help="only the SDXL-size hotswap benchmark (rank 64)")
     parser.add_argument("--loras", type=int, default=4, help="--serving/--generate: number of LoRAs K")
     parser.add_argument("--generate", action="store_true", help="only the image-generation benchmark")
     parser.add_argument("--keys", action="store_true", help="only the key-count scaling benchmark")
@@ -234,6 +306,9 @@ def main() -> None:
         return
     if args.kohya_sdxl:
         bench_kohya_sdxl(args.repeat)
+        return
+    if args.hotswap_sdxl:
+        bench_hotswap_sdxl(args.repeat)
         return
     if args.serving:
         bench_serving(args.size, args.rank, args.repeat, args.loras)
