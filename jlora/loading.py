@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import os
 from typing import Any, Mapping
 
 import jax
@@ -163,62 +161,22 @@ def _host_field(value):
     return np.asarray(value)
 
 
-_ALIGN = 64  # the CPU client reads host buffers aligned to this in place instead of copying them
-
-
-_CHUNK_BYTES = 8 << 20  # arrays per host buffer and copy job (buffers this size are reused by the allocator)
-_COPY_THREADS = min(8, os.cpu_count() or 1)
-
-
-def _packed_views(arrays, dtypes) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-    """Uninitialised arrays shaped like `arrays` (with `dtypes`), each aligned, packed in fresh buffers of
-    about `_CHUNK_BYTES`; and the `[lo, hi)` index range each buffer holds."""
-    sizes = [-(-a.size * d.itemsize // _ALIGN) * _ALIGN for a, d in zip(arrays, dtypes)]
-    chunks, lo, acc = [], 0, 0
-    for i, n in enumerate(sizes):
-        acc += n
-        if acc >= _CHUNK_BYTES or i == len(sizes) - 1:
-            chunks.append((lo, i + 1))
-            lo, acc = i + 1, 0
-    views = []
-    for lo, hi in chunks:
-        buf = np.empty(sum(sizes[lo:hi]) + _ALIGN, np.uint8)
-        at = -buf.ctypes.data % _ALIGN
-        for a, d, n in zip(arrays[lo:hi], dtypes[lo:hi], sizes[lo:hi]):
-            views.append(buf[at: at + a.size * d.itemsize].view(d).reshape(a.shape))
-            at += n
-    return views, chunks
-
-
-def _copy_all(dst: list, src: list, lo: int, hi: int) -> None:
-    for i in range(lo, hi):
-        np.copyto(dst[i], src[i], casting="unsafe")
-
-
 def to_device(arrays, dtype=None) -> list:
-    """`arrays` (cast to `dtype` if given) as device arrays, each copied once on the host first.
+    """`arrays` (cast to `dtype` if given) as device arrays that share no memory with them.
 
-    The host copy turns memory-map views and the transposed views of the layout rules into
-    contiguous, aligned arrays (on CPU the device then uses them in place), and leaves no adapter
-    sharing memory with the file or the caller's state dict. The copies run in threads, one
-    buffer each; then one batched transfer moves them all (overlapping the two was slower: the
-    transfer holds the interpreter while the copies need the cores).
+    A dense array is copied first (on CPU the device would otherwise use its memory in place, so an
+    adapter would change with the caller's state dict, or read a memory-mapped file); the strided
+    views of the layout rules are copied by the transfer itself, into the device's layout.
     """
-    arrays = list(arrays)
-    host, chunks = _packed_views(arrays, [np.dtype(dtype) if dtype is not None else a.dtype for a in arrays])
-    if len(chunks) <= 1 or _COPY_THREADS == 1:
-        _copy_all(host, arrays, 0, len(arrays))
-    else:
-        with concurrent.futures.ThreadPoolExecutor(min(_COPY_THREADS, len(chunks))) as pool:  # copies run without the GIL
-            list(pool.map(lambda lo_hi: _copy_all(host, arrays, *lo_hi), chunks))
+    host = [np.array(a, dtype=dtype) if dtype is not None or a.flags.c_contiguous else a for a in arrays]
     return list(jax.device_put(host))
 
 
 def make_leaves(placements, dtype=None) -> list:
     """Adapter leaf objects of converter placements, all arrays moved to the device in one transfer.
 
-    Every array is copied once on the host first (`to_device`). Scalars (alphas, factors) with the
-    same value share one device array.
+    Every array is copied exactly once, so no leaf shares memory with the file or the caller's
+    tensors (`to_device`). Scalars (alphas, factors) with the same value share one device array.
     """
     host = [{k: _host_field(v) for k, v in p.fields.items()} for p in placements]
     moved = iter(to_device([v for fields in host for v in fields.values() if not isinstance(v, _STATIC) and np.ndim(v) > 0],

@@ -299,11 +299,13 @@ def test_state_dict_loads_like_the_file_and_is_not_mutated(lora, params, file_ad
         assert np.array_equal(v, w), k
 
 
+@pytest.mark.parametrize("rank", [1, 4])
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
-def test_adapters_share_no_memory_with_the_state_dict(tmp_path, refs, params, kind):
+def test_adapters_share_no_memory_with_the_state_dict(tmp_path, refs, params, kind, rank):
     """Changing the caller's tensors after a load leaves the adapter as loaded. Rank 1 makes the Flax-layout
-    factors contiguous views of the caller's memory, which a device transfer could take over in place."""
-    tensors, header = R.read_lora_file(R.make_peft_lora_file(tmp_path, refs, rank=1, alpha=1, pipeline="sd"))
+    factors contiguous views of the caller's memory, which a device transfer could take over in place;
+    rank 4 makes them transposed views."""
+    tensors, header = R.read_lora_file(R.make_peft_lora_file(tmp_path, refs, rank=rank, alpha=rank, pipeline="sd"))
     sd = {k: torch.from_numpy(v.copy()) if kind == "torch" else v.copy() for k, v in tensors.items()}
     adapters = jlora.load_lora_weights(sd, params, family="sd", metadata=json.loads(header["lora_adapter_metadata"]))
     leaves = [x for x in jax.tree.leaves(adapters, is_leaf=jlora.is_adapter_leaf) if x is not None]
@@ -328,6 +330,24 @@ def test_dtype_casts_every_factor(lora, params, file_adapters):
             assert x.dtype == ml_dtypes.bfloat16
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y).astype(ml_dtypes.bfloat16))
         assert g.alpha.dtype == np.float32 and float(g.alpha) == float(w.alpha)
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+def test_adapters_do_not_read_the_file_after_loading(tmp_path, refs, params, rank):
+    """The file is read through a memory map; overwriting it in place afterwards leaves the adapter as loaded."""
+    path = R.make_peft_lora_file(tmp_path, refs, rank=rank, alpha=rank, pipeline="sd")
+    adapters = jlora.load_lora_weights(path, params, family="sd")
+    leaves = [x for x in jax.tree.leaves(adapters, is_leaf=jlora.is_adapter_leaf) if x is not None]
+    before = [(np.array(x.a), np.array(x.b)) for x in leaves]
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # same file, same length: only the data section changes
+        (n,) = np.frombuffer(f.read(8), "<u8")
+        f.seek(8 + int(n))
+        f.write(b"\x7f" * (size - 8 - int(n)))
+    assert len(leaves) > 0
+    for x, (a, b) in zip(leaves, before):
+        np.testing.assert_array_equal(np.asarray(x.a), a)
+        np.testing.assert_array_equal(np.asarray(x.b), b)
 
 
 def test_state_dict_without_metadata_uses_alpha_equal_rank(lora, params):
