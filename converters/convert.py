@@ -339,8 +339,12 @@ def convert(
     """
     if not tensors:
         raise UnsupportedFormatError(f"{origin}: holds no tensors.")
-    fmt = engine.get_format(format) if format else engine.detect_format(
-        tensors.keys(), origin, modules=target_modules(targets, schemes), family=family)
+    if schemes is None or isinstance(schemes, (str, NamingScheme)):
+        schemes = {c: schemes for c in targets}
+    resolved = {c: get_scheme(schemes[c]) if schemes.get(c) else detect_scheme(idx) for c, idx in targets.items()}
+    tables = {c: module_table(targets[c], resolved[c]) for c in targets}
+    modules = frozenset(m for table in tables.values() for m in table.values() if m is not None)
+    fmt = engine.get_format(format) if format else engine.detect_format(tensors.keys(), origin, modules=modules, family=family)
     malformed: dict[str, str] | None = None if strict else {}
     records, unmatched = engine.build_records(fmt, tensors, malformed)
     if not records:
@@ -359,12 +363,8 @@ def convert(
     if fmt.split is not None:
         records = [piece for rec in records for piece in _per_module(strict, report, rec, fmt.split, rec) or []]
 
-    if schemes is None or isinstance(schemes, (str, NamingScheme)):
-        schemes = {c: schemes for c in targets}
     placements: dict[str, list[Placement]] = {c: [] for c in targets}
-    resolved = {c: get_scheme(schemes[c]) if schemes.get(c) else detect_scheme(idx) for c, idx in targets.items()}
     report.schemes = {c: s.name for c, s in resolved.items()}
-    tables = {c: module_table(targets[c], resolved[c]) for c in targets}
     contexts = {c: fmt.context(tables[c]) if fmt.context else {} for c in targets}
     seen: dict[tuple[str, Path], str] = {}
     for rec in records:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
@@ -53,11 +54,16 @@ def path_of(keypath) -> tuple[str, ...]:
 
 def shape_index(params: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """`{path: (shape, dtype)}` of every array leaf of a params tree (arrays or `jax.ShapeDtypeStruct`s)."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {
-        path_of(kp): (tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x)), getattr(x, "dtype", None))
-        for kp, x in flat
-    }
+    return _flat_params(params)[2]
+
+
+def _flat_params(params: PyTree):
+    """`(paths, treedef, shape index)` of a params tree, flattened once."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [path_of(kp) for kp, _ in flat]
+    index = {path: (tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x)), getattr(x, "dtype", None))
+             for path, (_, x) in zip(paths, flat)}
+    return paths, treedef, index
 
 
 def abstract_params(index) -> dict:
@@ -210,10 +216,12 @@ def _with_bases(params: PyTree, placements) -> list:
             if p.leaf == "tlora" else p for p in placements]
 
 
-def _build_adapter(params: PyTree, placements, dtype) -> PyTree:
+def _build_adapter(params: PyTree, placements, dtype, flat) -> PyTree:
+    """The adapter tree: params' structure (`flat`, from `_flat_params`), a leaf at each placement, else None."""
     placements = _with_bases(params, placements)
     by_path = {p.path: leaf for p, leaf in zip(placements, make_leaves(placements, dtype))}
-    return jax.tree_util.tree_map_with_path(lambda kp, _: by_path.get(path_of(kp)), params)
+    paths, treedef, _ = flat
+    return jax.tree_util.tree_unflatten(treedef, [by_path.get(path) for path in paths])
 
 
 SIZE_SLACK = 4
@@ -225,13 +233,14 @@ def max_target_elements(indexes) -> int:
     weight (a full diff or a LoKr factor is at most one weight; layer-stacked weights count whole), and at
     least `SIZE_FLOOR`. A tensor past it is refused before it is read; one below it that fits no weight
     still gets the usual key and shape errors."""
-    sizes = [int(np.prod(shape, dtype=np.int64)) for index in indexes.values() for shape, _ in index.values()]
+    sizes = [math.prod(shape) for index in indexes.values() for shape, _ in index.values()]
     return max(SIZE_SLACK * max(sizes, default=0), SIZE_FLOOR)
 
 
 def _load(source, targets: Mapping[str, PyTree], *, default_component, format, schemes, strict, dtype, metadata, file_kwargs,
           prefixes=None, family=None):
-    indexes = {c: shape_index(p) for c, p in targets.items()}
+    flats = {c: _flat_params(p) for c, p in targets.items()}
+    indexes = {c: flat[2] for c, flat in flats.items()}
     tensors, header, origin = read_state_dict(source, max_elements=max_target_elements(indexes), mapped=True,
                                               **_split_file_kwargs(file_kwargs))
     if metadata is not None:
@@ -244,7 +253,7 @@ def _load(source, targets: Mapping[str, PyTree], *, default_component, format, s
         origin=origin, family=family,
     )
     report.outside_prefix = left
-    adapters = {c: _build_adapter(targets[c], placements[c], dtype) for c in targets}
+    adapters = {c: _build_adapter(targets[c], placements[c], dtype, flats[c]) for c in targets}
     return adapters, report
 
 
