@@ -131,14 +131,21 @@ def module_table(index: ShapeIndex, scheme: NamingScheme) -> dict[str, str | Non
     return table
 
 
+def _schemes_and_tables(targets: Mapping[str, ShapeIndex], schemes=None):
+    """`({component: naming scheme}, {component: module_table})`: each scheme as given (name, object, or a
+    dict of them per component) or detected from the params."""
+    chosen = schemes if isinstance(schemes, Mapping) else {c: schemes for c in targets}
+    resolved = {c: get_scheme(chosen[c]) if chosen.get(c) else detect_scheme(index) for c, index in targets.items()}
+    return resolved, {c: module_table(targets[c], resolved[c]) for c in targets}
+
+
+def _modules(tables: Mapping[str, Mapping[str, str | None]]) -> frozenset[str]:
+    return frozenset(m for table in tables.values() for m in table.values() if m is not None)
+
+
 def target_modules(targets: Mapping[str, ShapeIndex], schemes=None) -> frozenset[str]:
     """The module names of every target params tree (for formats whose keys alone do not name the model)."""
-    out: set[str] = set()
-    for c, index in targets.items():
-        chosen = schemes.get(c) if isinstance(schemes, Mapping) else schemes
-        scheme = get_scheme(chosen) if chosen else detect_scheme(index)
-        out.update(m for m in module_table(index, scheme).values() if m is not None)
-    return frozenset(out)
+    return _modules(_schemes_and_tables(targets, schemes)[1])
 
 
 def _weight_path(rec: Record, module_path: Path, scheme: NamingScheme) -> Path:
@@ -339,12 +346,9 @@ def convert(
     """
     if not tensors:
         raise UnsupportedFormatError(f"{origin}: holds no tensors.")
-    if schemes is None or isinstance(schemes, (str, NamingScheme)):
-        schemes = {c: schemes for c in targets}
-    resolved = {c: get_scheme(schemes[c]) if schemes.get(c) else detect_scheme(idx) for c, idx in targets.items()}
-    tables = {c: module_table(targets[c], resolved[c]) for c in targets}
-    modules = frozenset(m for table in tables.values() for m in table.values() if m is not None)
-    fmt = engine.get_format(format) if format else engine.detect_format(tensors.keys(), origin, modules=modules, family=family)
+    resolved, tables = _schemes_and_tables(targets, schemes)
+    fmt = engine.get_format(format) if format else engine.detect_format(tensors.keys(), origin, modules=_modules(tables),
+                                                                         family=family)
     malformed: dict[str, str] | None = None if strict else {}
     records, unmatched = engine.build_records(fmt, tensors, malformed)
     if not records:

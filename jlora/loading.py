@@ -179,7 +179,7 @@ def to_device(arrays, dtype=None) -> list:
 
 
 def make_leaves(placements, dtype=None) -> list:
-    """Adapter leaf objects of converter placements, all arrays moved to the device in one transfer.
+    """Adapter leaf objects of converter placements, their arrays moved to the device in one batched transfer.
 
     Every array is copied exactly once, so no leaf shares memory with the file or the caller's
     tensors (`to_device`). Scalars (alphas, factors) with the same value share one device array.
