@@ -20,6 +20,7 @@ from jlora.core import fuse
 from jlora.core import summary
 from jlora.core import unfuse
 from jlora.errors import JloraError
+from jlora.hotswap import hotswap_lora
 from jlora.hotswap import hotswap_template
 from jlora.hotswap import pad_adapter
 from jlora.hotswap import stack_adapters
@@ -78,6 +79,7 @@ __all__ = [
     "fuse",
     "get_active_adapters",
     "get_list_adapters",
+    "hotswap_lora",
     "hotswap_template",
     "init_adapter",
     "is_adapter_leaf",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import numpy as np
 
 from jlora.errors import InvalidAdapterError, KeyMismatchError, ShapeMismatchError
 from jlora.leaf import LoraLeaf, is_adapter_leaf
-from jlora.loading import path_of
+from jlora.loading import _load, path_of
 
 PyTree = Any
 
@@ -60,15 +60,18 @@ def _require_lora(leaf, path, what: str) -> LoraLeaf:
 
 
 def _zero_leaf(shape: tuple[int, ...], rank: int, stacked: bool, dtype) -> LoraLeaf:
-    """A zero LoRA (host arrays) of `rank` on a kernel of `shape` (`(L, in, out)` when stacked); alpha = rank."""
+    """A zero LoRA of `rank` on a kernel of `shape` (`(L, in, out)` when stacked); alpha = rank. Its arrays are
+    made on the device (not moved from host memory, which the CPU device could use in place), so a donated
+    padding can write into them."""
     if stacked:
         layers, n_in, n_out = shape
         return LoraLeaf(
-            a=np.zeros((layers, n_in, rank), dtype),
-            b=np.zeros((layers, rank, n_out), dtype),
-            alpha=np.full((layers,), rank, np.float32),
+            a=jnp.zeros((layers, n_in, rank), dtype),
+            b=jnp.zeros((layers, rank, n_out), dtype),
+            alpha=jnp.full((layers,), rank, jnp.float32),
         )
-    return LoraLeaf(a=np.zeros(shape[:-1] + (rank,), dtype), b=np.zeros((rank, shape[-1]), dtype), alpha=np.float32(rank))
+    return LoraLeaf(a=jnp.zeros(shape[:-1] + (rank,), dtype), b=jnp.zeros((rank, shape[-1]), dtype),
+                    alpha=jnp.full((), rank, jnp.float32))
 
 
 def _template_from_regex(params: PyTree, rank: int, pattern: str, dtype) -> PyTree:
@@ -307,6 +310,45 @@ def pad_adapter(adapter: PyTree, template: PyTree, *, donate: bool = False) -> P
     for i, _, _ in new:
         out[i] = LoraLeaf(a=next(moved), b=next(moved), alpha=next(moved))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def hotswap_lora(
+    source,
+    params: PyTree,
+    template: PyTree,
+    component: str | None = None,
+    *,
+    format: str | None = None,
+    scheme=None,
+    strict: bool = True,
+    metadata: Mapping | None = None,
+    prefix: str | None = None,
+    return_report: bool = False,
+    **file_kwargs,
+):
+    """Load a LoRA file straight into the buffers of `template` (diffusers' `load_lora_adapter(..., hotswap=True)`).
+
+    The same result as `pad_adapter(load_lora(source, params, component, ...), template, donate=True)`, and
+    the same checks and errors, without the intermediate device arrays: the file's tensors go from its memory
+    map into the donated padding as arguments of its one compiled call, so each factor is copied once, into
+    the template's memory. `template` is consumed (its arrays are deleted); pass the result as the template
+    of the next swap. The first swap of each rank layout compiles once.
+
+    Args: as `load_lora` (`source`, `params`, `component`, `format`, `scheme`, `strict`, `metadata`,
+      `prefix`, `return_report` and the file keywords); the factors take the template's dtype.
+
+    >>> current = jlora.hotswap_template(params, rank=64, targets=r"to_(q|k|v|out_0)", dtype=jnp.bfloat16)
+    >>> current = jlora.hotswap_lora("style.safetensors", params, current, "unet")
+    >>> y = step(params, current, 0.8, *x)  # compiled once for every swap
+    """
+    name = component or "default"
+    adapters, report = _load(
+        source, {name: params}, default_component=name, format=format,
+        schemes={name: scheme} if scheme is not None else None, strict=strict, dtype=None, metadata=metadata,
+        file_kwargs=file_kwargs, prefixes=None if prefix is None else {"": prefix}, host=True,
+    )
+    swapped = _pad_in_place(adapters[name], template)
+    return (swapped, report) if return_report else swapped
 
 
 def stack_adapters(adapters: Sequence[PyTree], template: PyTree | None = None) -> PyTree:

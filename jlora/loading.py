@@ -216,10 +216,19 @@ def _with_bases(params: PyTree, placements) -> list:
             if p.leaf == "tlora" else p for p in placements]
 
 
-def _build_adapter(params: PyTree, placements, dtype, flat) -> PyTree:
-    """The adapter tree: params' structure (`flat`, from `_flat_params`), a leaf at each placement, else None."""
+def host_leaves(placements) -> list:
+    """Adapter leaf objects holding the converter's host arrays as they are: views of the file or of the
+    caller's tensors, not copies. Only for a consumer that copies them into device buffers at once (the
+    donated padding of `jlora.hotswap_lora`); an adapter that outlives the call comes from `make_leaves`."""
+    return [LEAF_TYPES[p.leaf](**{k: _host_field(v) for k, v in p.fields.items()}) for p in placements]
+
+
+def _build_adapter(params: PyTree, placements, dtype, flat, host: bool = False) -> PyTree:
+    """The adapter tree: params' structure (`flat`, from `_flat_params`), a leaf at each placement, else None.
+    `host`: leaves of host views (`host_leaves`) instead of device arrays."""
     placements = _with_bases(params, placements)
-    by_path = {p.path: leaf for p, leaf in zip(placements, make_leaves(placements, dtype))}
+    leaves = host_leaves(placements) if host else make_leaves(placements, dtype)
+    by_path = {p.path: leaf for p, leaf in zip(placements, leaves)}
     paths, treedef, _ = flat
     return jax.tree_util.tree_unflatten(treedef, [by_path.get(path) for path in paths])
 
@@ -238,7 +247,7 @@ def max_target_elements(indexes) -> int:
 
 
 def _load(source, targets: Mapping[str, PyTree], *, default_component, format, schemes, strict, dtype, metadata, file_kwargs,
-          prefixes=None, family=None):
+          prefixes=None, family=None, host=False):
     flats = {c: _flat_params(p) for c, p in targets.items()}
     indexes = {c: flat[2] for c, flat in flats.items()}
     tensors, header, origin = read_state_dict(source, max_elements=max_target_elements(indexes), mapped=True,
@@ -253,7 +262,7 @@ def _load(source, targets: Mapping[str, PyTree], *, default_component, format, s
         origin=origin, family=family,
     )
     report.outside_prefix = left
-    adapters = {c: _build_adapter(targets[c], placements[c], dtype, flats[c]) for c in targets}
+    adapters = {c: _build_adapter(targets[c], placements[c], dtype, flats[c], host) for c in targets}
     return adapters, report
 
 

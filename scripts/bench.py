@@ -214,7 +214,8 @@ def write_sdxl_peft(directory: str, rank: int, seed: int = 0) -> str:
 
 
 def bench_hotswap_sdxl(repeat: int, rank: int = 64) -> None:
-    """Hotswap at SDXL size: file -> padded adapter written into the previous adapter's buffers (jlora),
+    """Hotswap at SDXL size: file -> padded adapter written into the previous adapter's buffers (`hotswap_lora`,
+    and `load_lora` + `pad_adapter(donate=True)`),
     vs diffusers' `load_lora_adapter(hotswap=True)` on the fp16 UNet, vs a raw read of the same file."""
     from diffusers import UNet2DConditionModel
 
@@ -228,14 +229,19 @@ def bench_hotswap_sdxl(repeat: int, rank: int = 64) -> None:
     modules = sum(leaf is not None for leaf in jax.tree.leaves(first, is_leaf=jlora.is_adapter_leaf))
     current = [hotswap_template(params, rank, targets=[first], dtype=jax.numpy.float16)]
     del first
-    turn = iter(range(10**9))
+    swaps, pads, turn = (iter(range(10**9)) for _ in range(3))  # each swap alternates the rank-64 and rank-32 file
 
     def swap():
-        current[0] = pad_adapter(jlora.load_lora(paths[next(turn) % 2], params, "unet"), current[0], donate=True)
+        current[0] = jlora.hotswap_lora(paths[next(swaps) % 2], params, current[0], "unet")
         return jax.block_until_ready(current[0])
 
-    swap()  # compiles the padding once
-    times = _time_interleaved({"swap": swap, "load": lambda: jax.block_until_ready(jlora.load_lora(paths[0], params, "unet")),
+    def load_and_pad():
+        current[0] = pad_adapter(jlora.load_lora(paths[next(pads) % 2], params, "unet"), current[0], donate=True)
+        return jax.block_until_ready(current[0])
+
+    swap(), swap(), load_and_pad(), load_and_pad()  # compiles the padding once per rank layout
+    times = _time_interleaved({"swap": swap, "pad": load_and_pad,
+                               "load": lambda: jax.block_until_ready(jlora.load_lora(paths[0], params, "unet")),
                                "raw": lambda: safetensors.numpy.load_file(paths[0])}, repeat)
 
     with torch.device("meta"):
@@ -255,8 +261,9 @@ def bench_hotswap_sdxl(repeat: int, rank: int = 64) -> None:
         f"{os.path.getsize(paths[0]) / 1e6:.0f} MB fp16 file; jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"torch {torch.__version__}",
         [
-            ("hotswap SDXL: jlora load+pad(donate) / diffusers hotswap", times["swap"], dl, "target <= 0.5; same file"),
-            ("hotswap SDXL: jlora load+pad(donate) / safetensors.numpy read", times["swap"], times["raw"], "target <= 2"),
+            ("hotswap SDXL: jlora hotswap_lora / diffusers hotswap", times["swap"], dl, "target <= 0.5; same file"),
+            ("hotswap SDXL: jlora hotswap_lora / safetensors.numpy read", times["swap"], times["raw"], "target <= 2"),
+            ("hotswap SDXL: jlora load_lora + pad(donate) / hotswap_lora", times["pad"], times["swap"], "two steps vs one"),
             ("hotswap SDXL: jlora load alone / safetensors.numpy read", times["load"], times["raw"], "the file -> adapter part"),
         ],
     )

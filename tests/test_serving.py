@@ -208,6 +208,53 @@ def test_donated_pad_lands_in_the_templates_buffers(unet, files, adapters):
         pad_adapter(adapters["full"]["unet"], hotswap_template(unet.flax_params, 2, targets=UNET_REGEX), donate=True)
 
 
+def test_hotswap_lora_swaps_files_into_the_template_and_matches_diffusers(batch, files, torch_out):
+    """`hotswap_lora` (file -> the previous adapter's buffers in one donated call), one compiled step for every
+    swapped file, each output against diffusers+PEFT with that file loaded at that scale."""
+    params, fn = batch.flax_params, R.flax_apply_fn(batch)
+    current = hotswap_template(params, TEMPLATE_RANK, targets=UNET_REGEX)
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(current)]
+    traces = []
+
+    def step(p, adapter, scale, inputs):
+        traces.append(1)
+        return fn(jlora.apply(p, adapter, scale), **inputs)
+
+    step = jax.jit(step)
+    for name, scale in SWAPS:
+        before = jax.tree.leaves(current)
+        current, report = jlora.hotswap_lora(files[name], params, current, "unet", return_report=True)
+        assert all(x.is_deleted() for x in before) and report.format == "peft"
+        assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(current)] == pointers
+        _close(np.asarray(step(params, current, scale, batch.inputs)), torch_out(name, scale), torch_out(None), (name, scale))
+    assert len(traces) == 1 and step._cache_size() == 1
+
+
+def test_hotswap_lora_from_a_state_dict_copies_it_and_refuses_what_pad_adapter_refuses(unet, files, adapters):
+    """A state dict is left as it was and shares no memory with the swapped adapter; a rank above the template's
+    or a LoRA outside its targets raises before the template is consumed."""
+    params = unet.flax_params
+    tensors, metadata = jlora.lora_state_dict(files["mixed"], return_lora_metadata=True)
+    state = {k: np.array(v) for k, v in tensors.items()}
+    current = hotswap_template(params, TEMPLATE_RANK, targets=UNET_REGEX)
+    with untouched(state, params):
+        current = jlora.hotswap_lora(state, params, current, "unet", metadata=metadata)
+    want = pad_adapter(adapters["mixed"]["unet"], hotswap_template(params, TEMPLATE_RANK, targets=UNET_REGEX))
+    snapshot = jax.tree.map(np.asarray, current)
+    for v in state.values():
+        v[...] = 7
+    for got, kept, ref in zip(jax.tree.leaves(current), jax.tree.leaves(snapshot), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(got), kept)
+        np.testing.assert_array_equal(kept, np.asarray(ref))
+    small = hotswap_template(params, 4, targets=UNET_REGEX)
+    with pytest.raises(errors.ShapeMismatchError, match=r"rank 8 .*rank 4"):
+        jlora.hotswap_lora(files["mixed"], params, small, "unet")
+    narrow = hotswap_template(params, TEMPLATE_RANK, targets=r"attn[12]/to_(q|k|v|out_0)")
+    with pytest.raises(errors.KeyMismatchError, match=r"wider regex"):
+        jlora.hotswap_lora(files["full"], params, narrow, "unet")
+    assert not any(x.is_deleted() for x in jax.tree.leaves(small) + jax.tree.leaves(narrow))
+
+
 FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 
