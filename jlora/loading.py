@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import math
+import threading
 from typing import Any, Mapping
 
 import jax
@@ -246,8 +249,38 @@ def max_target_elements(indexes) -> int:
     return max(SIZE_SLACK * max(sizes, default=0), SIZE_FLOOR)
 
 
-def _load(source, targets: Mapping[str, PyTree], *, default_component, format, schemes, strict, dtype, metadata, file_kwargs,
-          prefixes=None, family=None, host=False):
+_gc_lock = threading.Lock()
+_gc_state = {"depth": 0, "was_enabled": False}
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while a load runs (restored after the last concurrent load).
+
+    A load allocates tens of thousands of small objects (records, placements, array views); each burst of them
+    can start a full collection over every object of the process, which at SDXL size costs as much as the
+    conversion. Any cycle left behind (an exception's traceback) is collected once the collector is back on."""
+    with _gc_lock:
+        if _gc_state["depth"] == 0:
+            _gc_state["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _gc_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_state["depth"] -= 1
+            if _gc_state["depth"] == 0 and _gc_state["was_enabled"]:
+                gc.enable()
+
+
+def _load(source, targets: Mapping[str, PyTree], **kwargs):
+    with _collector_paused():
+        return _load_unpaused(source, targets, **kwargs)
+
+
+def _load_unpaused(source, targets: Mapping[str, PyTree], *, default_component, format, schemes, strict, dtype, metadata,
+                   file_kwargs, prefixes=None, family=None, host=False):
     flats = {c: _flat_params(p) for c, p in targets.items()}
     indexes = {c: flat[2] for c, flat in flats.items()}
     tensors, header, origin = read_state_dict(source, max_elements=max_target_elements(indexes), mapped=True,

@@ -350,6 +350,41 @@ def test_adapters_do_not_read_the_file_after_loading(tmp_path, refs, params, ran
         np.testing.assert_array_equal(np.asarray(x.b), b)
 
 
+def test_loading_leaves_the_garbage_collector_as_it_found_it(tmp_path, refs, params):
+    """The collector is paused while a load runs and restored after it, also when the load raises; a caller
+    that turned it off keeps it off."""
+    import gc
+    import threading
+
+    path = R.make_peft_lora_file(tmp_path, refs, rank=2, alpha=2, pipeline="sd")
+    seen = []
+    real = jlora.loading._load_unpaused
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    assert gc.isenabled()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jlora.loading, "_load_unpaused", spy)
+        jlora.load_lora_weights(path, params, family="sd")
+        with pytest.raises(errors.JloraError):
+            jlora.load_lora_weights(str(tmp_path / "missing.safetensors"), params, family="sd")
+        assert gc.isenabled() and seen == [False, False]
+        threads = [threading.Thread(target=jlora.load_lora_weights, args=(path, params), kwargs=dict(family="sd")) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert gc.isenabled() and len(seen) == 6
+        gc.disable()
+        try:
+            jlora.load_lora_weights(path, params, family="sd")
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+
+
 def test_state_dict_without_metadata_uses_alpha_equal_rank(lora, params):
     """No header and no `.alpha` keys: alpha = rank (scale 1), as diffusers does for such files."""
     adapters, report = jlora.load_lora_weights(dict(lora[1]), params, family="sd", return_report=True)
