@@ -9,6 +9,8 @@ accounts for every source key.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 import warnings
 from collections import Counter
 from typing import Mapping
@@ -22,7 +24,7 @@ import converters.schemes_maxdiffusion_dit  # noqa: F401  (maxdiffusion's Z-Imag
 from converters import engine, layout, layout_lycoris
 from converters.formats import peft
 from converters.guess import guess_family
-from converters.naming import NamingScheme, Path, Target, detect_scheme, get_scheme
+from converters.naming import NamingScheme, Path, Target, detect_scheme, get_scheme, naming_schemes
 from converters.records import Placement, Record, algorithm
 from converters.errors import InvalidAdapterError, KeyMismatchError, ShapeMismatchError, UnsupportedFormatError
 
@@ -131,12 +133,34 @@ def module_table(index: ShapeIndex, scheme: NamingScheme) -> dict[str, str | Non
     return table
 
 
+def _scheme_and_table(index: ShapeIndex, scheme) -> tuple[NamingScheme, Mapping[str, str | None]]:
+    """The naming scheme (`scheme`, or detected) and read-only module table of one params tree."""
+    resolved = get_scheme(scheme) if scheme else detect_scheme(index)
+    return resolved, types.MappingProxyType(module_table(index, resolved))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_scheme_and_table(items: tuple, scheme, registry: tuple):
+    return _scheme_and_table(dict(items), scheme)
+
+
+def _scheme_and_table_of(index: ShapeIndex, scheme):
+    """`_scheme_and_table`, cached on the tree's `(path, (shape, dtype))` items, the scheme argument and the
+    registered schemes (a params tree loaded onto again costs no second pass over its paths)."""
+    try:
+        key = (tuple(index.items()), scheme, tuple(naming_schemes().values()))
+        hash(key)
+    except TypeError:  # unhashable shapes or scheme objects: computed each time
+        return _scheme_and_table(index, scheme)
+    return _cached_scheme_and_table(*key)
+
+
 def _schemes_and_tables(targets: Mapping[str, ShapeIndex], schemes=None):
     """`({component: naming scheme}, {component: module_table})`: each scheme as given (name, object, or a
     dict of them per component) or detected from the params."""
     chosen = schemes if isinstance(schemes, Mapping) else {c: schemes for c in targets}
-    resolved = {c: get_scheme(chosen[c]) if chosen.get(c) else detect_scheme(index) for c, index in targets.items()}
-    return resolved, {c: module_table(targets[c], resolved[c]) for c in targets}
+    pairs = {c: _scheme_and_table_of(index, chosen.get(c)) for c, index in targets.items()}
+    return {c: p[0] for c, p in pairs.items()}, {c: p[1] for c, p in pairs.items()}
 
 
 def _modules(tables: Mapping[str, Mapping[str, str | None]]) -> frozenset[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections import defaultdict
 from typing import Callable, Iterable, Mapping
@@ -216,6 +217,7 @@ def match_keys(
     return dict(groups), unmatched
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
 _FLOATS = {"float16", "float32", "float64", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
 
 
@@ -226,7 +228,7 @@ def _alpha_value(key: str, tensor: np.ndarray) -> float:
     if arr.dtype.kind not in "iuf" and str(arr.dtype) not in _FLOATS:
         raise InvalidAdapterError(f"{key}: alpha must be a real number, got dtype {arr.dtype}.")
     value = float(arr.reshape(()).astype(np.float64))
-    if not np.isfinite(value) or abs(value) > float(np.finfo(np.float32).max):
+    if not math.isfinite(value) or abs(value) > _F32_MAX:
         raise InvalidAdapterError(f"{key}: alpha is {value}; it must be finite within float32 range.")
     return value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -60,12 +61,29 @@ def shape_index(params: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], 
     return _flat_params(params)[2]
 
 
+_PATHS: collections.OrderedDict = collections.OrderedDict()  # treedef -> leaf paths, the most recent trees
+
+
+def _leaf_paths(params: PyTree, treedef) -> tuple:
+    """The string paths of `params`' leaves; they depend on its structure only, so they are kept per treedef."""
+    try:
+        paths = _PATHS.get(treedef)
+    except TypeError:  # a custom node with unhashable metadata: not kept
+        return tuple(path_of(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    if paths is None:
+        paths = tuple(path_of(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+        _PATHS[treedef] = paths
+        while len(_PATHS) > 16:
+            _PATHS.popitem(last=False)
+    return paths
+
+
 def _flat_params(params: PyTree):
     """`(paths, treedef, shape index)` of a params tree, flattened once."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [path_of(kp) for kp, _ in flat]
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    paths = _leaf_paths(params, treedef)
     index = {path: (tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x)), getattr(x, "dtype", None))
-             for path, (_, x) in zip(paths, flat)}
+             for path, x in zip(paths, leaves)}
     return paths, treedef, index
 
 

@@ -87,3 +87,30 @@ def test_registered_scheme_readme_example(tmp_path):
     # without the scheme, the renamed modules cannot be placed, and the error names one
     with pytest.raises(jlora.errors.KeyMismatchError, match=re.escape("to_q")):
         jlora.load_lora_weights(path, {"unet": renamed})
+
+
+def test_a_scheme_registered_again_is_used_on_the_same_params_at_once(tmp_path):
+    """Module tables are kept per params tree and scheme; registering a scheme name again takes effect on the
+    next load onto the same tree."""
+    from converters import naming
+
+    ref = R.build_sd15_unet()
+    path = R.make_peft_lora_file(tmp_path, [ref], pipeline="sd")
+    renamed = _rename_tree(ref.flax_params)
+    try:
+        register_naming_scheme(NamingScheme(name="renamed_later", to_path=base.to_path, to_module=base.to_module))
+        with pytest.raises(jlora.errors.KeyMismatchError, match=re.escape("to_q")):
+            jlora.load_lora(path, renamed, "unet", scheme="renamed_later")
+        register_naming_scheme(NamingScheme(name="renamed_later", to_path=to_path, to_module=to_module))
+        adapter = jlora.load_lora(path, renamed, "unet", scheme="renamed_later")
+        assert jlora.count(adapter) == jlora.count(jlora.load_lora(path, ref.flax_params, "unet")) > 0
+    finally:
+        naming._SCHEMES.pop("renamed_later", None)
+
+
+def test_trees_of_one_structure_and_other_shapes_get_their_own_index():
+    """Leaf paths are kept per tree structure; shapes and dtypes are read from each tree."""
+    small = {"down": {"kernel": jax.ShapeDtypeStruct((4, 8), np.float32)}}
+    large = {"down": {"kernel": jax.ShapeDtypeStruct((16, 32), np.float16)}}
+    assert jlora.loading.shape_index(small) == {("down", "kernel"): ((4, 8), np.dtype(np.float32))}
+    assert jlora.loading.shape_index(large) == {("down", "kernel"): ((16, 32), np.dtype(np.float16))}

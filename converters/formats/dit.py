@@ -311,7 +311,7 @@ def _original_layout(keys: frozenset[str]) -> bool:
 
 
 def _dotted_kohya(key: str) -> bool:
-    m = _DOTTED_KOHYA.fullmatch(key)
+    m = _DOTTED_KOHYA.fullmatch(key) if key.endswith(".lora_down.weight") else None  # the pattern's tail
     return m is not None and m["first"] not in _OTHER_COMPONENTS
 
 

@@ -122,9 +122,13 @@ KOHYA_KEY = re.compile(rf"lora_unet_(?:{_BLOCK_NAME}|all_(?:x_embedder|final_lay
 DOTTED_FACTOR_KEY = re.compile(rf".*{_BLOCK_NAME}.*\.lora\.(?:down|up)\.weight")
 
 
+_DOTTED_FACTOR_ENDS = (".lora.down.weight", ".lora.up.weight")  # what DOTTED_FACTOR_KEY's tail requires
+
+
 def is_z_image(keys: frozenset[str]) -> bool:
     return any(
-        Z_IMAGE_KEY.match(k) or Z_IMAGE_FFN_KEY.match(k) or KOHYA_KEY.match(k) or DOTTED_FACTOR_KEY.fullmatch(k)
+        Z_IMAGE_KEY.match(k) or Z_IMAGE_FFN_KEY.match(k) or KOHYA_KEY.match(k)
+        or (k.endswith(_DOTTED_FACTOR_ENDS) and DOTTED_FACTOR_KEY.fullmatch(k))
         for k in keys
     )
 
