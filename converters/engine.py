@@ -171,6 +171,49 @@ def get_format(name: str) -> Format:
     return _FORMATS[name]
 
 
+def _required_literals(pattern: str) -> tuple[str, ...]:
+    """Literal runs (of 3 or more characters) that every match of `pattern` contains: those of its top-level
+    sequence, groups included; () when the pattern cannot be read that way (case-insensitive parts, a parser
+    this Python does not have). A key without one of them cannot match, so its regex is not run."""
+    try:
+        from re import _constants as sre, _parser
+        parsed = _parser.parse(pattern)
+    except Exception:  # noqa: BLE001 - only an optimisation: without it every regex is run
+        return ()
+    if parsed.state.flags & re.IGNORECASE:
+        return ()
+    runs, current = [], []
+
+    def flush():
+        if len(current) >= 3:
+            runs.append("".join(current))
+        current.clear()
+
+    def walk(items) -> bool:
+        for op, arg in items:
+            if op is sre.LITERAL:
+                current.append(chr(arg))
+            elif op is sre.SUBPATTERN:
+                if arg[1] & re.IGNORECASE:
+                    return False
+                if not walk(arg[3]):
+                    return False
+            else:
+                flush()
+        return True
+
+    if not walk(parsed.data):
+        return ()
+    flush()
+    return tuple(runs)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_rules(rules: tuple[Rule, ...]) -> tuple[tuple[Rule, re.Pattern, tuple[str, ...]], ...]:
+    """Each rule with its compiled regex and `_required_literals`."""
+    return tuple((rule, rule.regex, _required_literals(rule.pattern)) for rule in rules)
+
+
 def match_keys(
     fmt: Format, keys: Iterable[str], malformed: dict[str, str] | None = None
 ) -> tuple[dict[tuple[str, str], dict[str, str]], list[str]]:
@@ -182,8 +225,10 @@ def match_keys(
     groups: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
     doubled: dict[tuple[str, str], str] = {}
     unmatched: list[str] = []
+    compiled = _compiled_rules(fmt.rules)
     for key in sorted(keys):
-        hits = [(rule, m) for rule in fmt.rules if (m := rule.regex.fullmatch(key))]
+        hits = [(rule, m) for rule, regex, needed in compiled
+                if all(lit in key for lit in needed) and (m := regex.fullmatch(key))]
         if not hits:
             unmatched.append(key)
             continue

@@ -109,3 +109,65 @@ def test_readme_format_table_lists_every_registered_format():
         f"README.md's format table (under '## Formats') does not list {missing}: add a row with the format's "
         "name in backticks, its keys and the kinds it loads."
     )
+
+
+def _example(items, rng, out) -> None:
+    """Append to `out` the characters of one random string the parsed regex `items` accepts (best effort)."""
+    from re import _constants as sre
+
+    for op, arg in items:
+        if op is sre.LITERAL:
+            out.append(chr(arg))
+        elif op is sre.NOT_LITERAL:
+            out.append("x" if chr(arg) != "x" else "y")
+        elif op is sre.ANY:
+            out.append(rng.choice("._aZ09"))
+        elif op is sre.IN:
+            chars = []
+            for kind, value in arg:
+                if kind is sre.LITERAL:
+                    chars.append(chr(value))
+                elif kind is sre.RANGE:
+                    chars += [chr(value[0]), chr(value[1])]
+                elif kind is sre.CATEGORY:
+                    chars += {"CATEGORY_DIGIT": ["3"], "CATEGORY_WORD": ["a", "_", "7"]}.get(str(value), [])
+            if chars and not any(kind is sre.NEGATE for kind, _ in arg):
+                out.append(rng.choice(chars))
+            else:
+                out.append("q")
+        elif op is sre.BRANCH:
+            _example(rng.choice(arg[1]), rng, out)
+        elif op is sre.SUBPATTERN:
+            _example(arg[3], rng, out)
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, getattr(sre, "POSSESSIVE_REPEAT", None)):
+            low, high, body = arg
+            for _ in range(rng.randint(low, min(high, low + 3))):
+                _example(body, rng, out)
+
+
+def test_required_literals_are_in_every_key_a_rule_matches():
+    """The literal runs match_keys checks before running a rule's regex occur in every key the regex accepts:
+    random keys drawn from each rule's own pattern, for every rule of every registered format."""
+    import random
+    from re import _parser
+
+    rng, checked = random.Random(0), 0
+    for fmt in engine.formats().values():
+        for rule in fmt.rules:
+            needed = engine._required_literals(rule.pattern)
+            tree = _parser.parse(rule.pattern).data
+            for _ in range(40):
+                out = []
+                _example(tree, rng, out)
+                key = "".join(out)
+                if rule.regex.fullmatch(key):
+                    checked += 1
+                    assert all(lit in key for lit in needed), (fmt.name, rule.pattern, key, needed)
+    assert checked > 1000
+
+
+def test_required_literals_of_patterns_that_need_none():
+    assert engine._required_literals(r"(?P<module>.+)\.(?:lora_down|lora_up)\.weight") == (".lora_", ".weight")  # the branches share "lora_"
+    assert engine._required_literals(r"(?i)lora_unet_.+") == ()
+    assert engine._required_literals(r"ab(?:cd|ef)gh") == ()
+    assert engine._required_literals(r"abc(?:def)?ghi") == ("abc", "ghi")
