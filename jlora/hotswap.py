@@ -259,7 +259,34 @@ def _pad_donating(like: list, leaves: list) -> list:
     return [_padded_into(t, leaf) for t, leaf in zip(like, leaves)]
 
 
-def _pad_in_place(adapter: PyTree, template: PyTree) -> PyTree:
+def _dense_source(x) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    """A host array as `(dense array, perm)` with `x == transpose(dense, argsort(perm))`: a layout rule's
+    transposed view of the file goes to the device as the file's own dense bytes (perm None: `x` as it is)."""
+    x = np.asarray(x)
+    if x.ndim < 2 or x.flags.c_contiguous:
+        return x, None
+    perm = tuple(int(i) for i in np.argsort([-abs(st) for st in x.strides], kind="stable"))
+    dense = np.transpose(x, perm)
+    return (dense, perm) if dense.flags.c_contiguous else (x, None)
+
+
+def _restored(x: jax.Array, perm: tuple[int, ...] | None) -> jax.Array:
+    return x if perm is None else jnp.transpose(x, tuple(int(i) for i in np.argsort(perm)))
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+def _pad_donating_from_host(like: list, factors: list, perms: tuple) -> list:
+    """`_pad_donating` for host factors `(a, b, alpha)` given as `_dense_source` pairs: the transposes into
+    Flax layout run on the device, fused with the padding into the donated buffers."""
+    out = []
+    for t, f, p in zip(like, factors, perms):
+        leaf = None if f is None else LoraLeaf(a=_restored(f[0], p[0]), b=_restored(f[1], p[1]), alpha=f[2])
+        out.append(_padded_into(t, leaf))
+    return out
+
+
+def _pad_in_place(adapter: PyTree, template: PyTree, host: bool = False) -> PyTree:
+    """The donated padding; `host`: the adapter's leaves hold host views (`jlora.loading.host_leaves`)."""
     flat_a, flat_t, treedef = _checked_pair(adapter, template)
     pos = [i for i, (_, t) in enumerate(flat_t) if t is not None]
     for i in pos:
@@ -269,7 +296,19 @@ def _pad_in_place(adapter: PyTree, template: PyTree) -> PyTree:
         if not isinstance(flat_t[i][1].a, jax.Array):
             raise InvalidAdapterError("pad_adapter(donate=True): the template's factors must be device arrays "
                                       "(jlora.hotswap_template or an adapter padded before).")
-    new = _pad_donating([flat_t[i][1] for i in pos], [flat_a[i][1] for i in pos])
+    like = [flat_t[i][1] for i in pos]
+    if host:
+        factors, perms = [], []
+        for i in pos:
+            leaf = flat_a[i][1]
+            if leaf is None:
+                factors.append(None), perms.append(None)
+                continue
+            (a, pa), (b, pb) = _dense_source(leaf.a), _dense_source(leaf.b)
+            factors.append((a, b, np.asarray(leaf.alpha))), perms.append((pa, pb))
+        new = _pad_donating_from_host(like, factors, tuple(perms))
+    else:
+        new = _pad_donating(like, [flat_a[i][1] for i in pos])
     out = [t for _, t in flat_t]
     for i, leaf in zip(pos, new):
         out[i] = leaf
@@ -347,7 +386,7 @@ def hotswap_lora(
         schemes={name: scheme} if scheme is not None else None, strict=strict, dtype=None, metadata=metadata,
         file_kwargs=file_kwargs, prefixes=None if prefix is None else {"": prefix}, host=True,
     )
-    swapped = _pad_in_place(adapters[name], template)
+    swapped = _pad_in_place(adapters[name], template, host=True)
     return (swapped, report) if return_report else swapped
 
 

@@ -229,18 +229,20 @@ def bench_hotswap_sdxl(repeat: int, rank: int = 64) -> None:
     modules = sum(leaf is not None for leaf in jax.tree.leaves(first, is_leaf=jlora.is_adapter_leaf))
     current = [hotswap_template(params, rank, targets=[first], dtype=jax.numpy.float16)]
     del first
-    swaps, pads, turn = (iter(range(10**9)) for _ in range(3))  # each swap alternates the rank-64 and rank-32 file
 
-    def swap():
-        current[0] = jlora.hotswap_lora(paths[next(swaps) % 2], params, current[0], "unet")
+    def swap(i):
+        current[0] = jlora.hotswap_lora(paths[i], params, current[0], "unet")
         return jax.block_until_ready(current[0])
 
-    def load_and_pad():
-        current[0] = pad_adapter(jlora.load_lora(paths[next(pads) % 2], params, "unet"), current[0], donate=True)
+    def load_and_pad(i):
+        current[0] = pad_adapter(jlora.load_lora(paths[i], params, "unet"), current[0], donate=True)
         return jax.block_until_ready(current[0])
 
-    swap(), swap(), load_and_pad(), load_and_pad()  # compiles the padding once per rank layout
-    times = _time_interleaved({"swap": swap, "pad": load_and_pad,
+    for i in (0, 1, 0, 1):  # compiles the padding once per rank layout
+        swap(i), load_and_pad(i)
+    # each round swaps the rank-64 file in, then the rank-32 one: every swap replaces the other file's LoRA
+    times = _time_interleaved({"swap": lambda: swap(0), "swap_half": lambda: swap(1),
+                               "pad": lambda: load_and_pad(0), "pad_half": lambda: load_and_pad(1),
                                "load": lambda: jax.block_until_ready(jlora.load_lora(paths[0], params, "unet")),
                                "raw": lambda: safetensors.numpy.load_file(paths[0])}, repeat)
 
@@ -248,23 +250,24 @@ def bench_hotswap_sdxl(repeat: int, rank: int = 64) -> None:
         unet = UNet2DConditionModel(**SDXL_UNET, attention_head_dim=(5, 10, 20))
     unet = unet.to_empty(device="cpu").half()
     unet.enable_lora_hotswap(target_rank=rank)
-    unet.load_lora_adapter(os.path.dirname(paths[0]), weight_name=R.LORA_WEIGHT_NAME, prefix="unet", adapter_name="default")
+    unet.load_lora_adapter(os.path.dirname(paths[1]), weight_name=R.LORA_WEIGHT_NAME, prefix="unet", adapter_name="default")
 
-    def diffusers_swap():
-        path = paths[next(turn) % 2]
-        unet.load_lora_adapter(os.path.dirname(path), weight_name=R.LORA_WEIGHT_NAME, prefix="unet",
+    def diffusers_swap(i):
+        unet.load_lora_adapter(os.path.dirname(paths[i]), weight_name=R.LORA_WEIGHT_NAME, prefix="unet",
                                adapter_name="default", hotswap=True)
 
-    dl = _time_interleaved({"diffusers": diffusers_swap}, repeat)["diffusers"]  # the same statistic as jlora's
+    dl = _time_interleaved({"full": lambda: diffusers_swap(0), "half": lambda: diffusers_swap(1)}, repeat)
     _print(
         f"\nHotswap on the SDXL UNet: rank {rank} / {rank // 2} LoRAs on {modules} attention projections, "
-        f"{os.path.getsize(paths[0]) / 1e6:.0f} MB fp16 file; jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"torch {torch.__version__}",
+        f"{os.path.getsize(paths[0]) / 1e6:.0f} / {os.path.getsize(paths[1]) / 1e6:.0f} MB fp16 files; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}",
         [
-            ("hotswap SDXL: jlora hotswap_lora / diffusers hotswap", times["swap"], dl, "target <= 0.5; same file"),
-            ("hotswap SDXL: jlora hotswap_lora / safetensors.numpy read", times["swap"], times["raw"], "target <= 2"),
-            ("hotswap SDXL: jlora load_lora + pad(donate) / hotswap_lora", times["pad"], times["swap"], "two steps vs one"),
-            ("hotswap SDXL: jlora load alone / safetensors.numpy read", times["load"], times["raw"], "the file -> adapter part"),
+            (f"hotswap SDXL rank {rank}: jlora hotswap_lora / diffusers hotswap", times["swap"], dl["full"], "target <= 0.5; same file"),
+            (f"hotswap SDXL rank {rank}: jlora hotswap_lora / safetensors.numpy read", times["swap"], times["raw"], "target <= 2"),
+            (f"hotswap SDXL rank {rank}: jlora load_lora + pad(donate) / hotswap_lora", times["pad"], times["swap"], "two steps vs one"),
+            (f"hotswap SDXL rank {rank // 2}: jlora hotswap_lora / diffusers hotswap", times["swap_half"], dl["half"], "into the rank-64 template"),
+            (f"hotswap SDXL rank {rank // 2}: jlora load_lora + pad(donate) / hotswap_lora", times["pad_half"], times["swap_half"], ""),
+            (f"hotswap SDXL rank {rank}: jlora load alone / safetensors.numpy read", times["load"], times["raw"], "the file -> adapter part"),
         ],
     )
 
