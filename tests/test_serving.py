@@ -479,3 +479,17 @@ def test_per_sample_rejects_other_modules_and_unvisited_leaves(clip, adapters):
     unet_stacked = stack_adapters([adapters["attn"]["unet"]])  # paths the CLIP model does not have
     with pytest.raises(errors.KeyMismatchError, match="never called"):
         jax.jit(per_sample_apply(R.flax_apply_fn(clip)))(unet_stacked, jnp.array([0, 0]), 1.0, clip.flax_params, clip.inputs["input_ids"])
+
+
+def test_dense_sources_restore_every_host_view():
+    """The host views hotswap_lora sends in the file's layout come back exactly after the device transpose."""
+    from jlora.hotswap import _dense_source, _restored
+
+    base = np.arange(2 * 3 * 4 * 5, dtype=np.float16).reshape(2, 3, 4, 5)
+    views = [base, base.T, base.transpose(2, 3, 1, 0), base[:, 1:].transpose(1, 0, 2, 3), base[..., ::-1],
+             base[:1].transpose(3, 0, 2, 1), base.reshape(6, 20).T, base.reshape(6, 20)[:, ::2].T, np.float32(3.0)]
+    for x in views:
+        dense, perm = _dense_source(x)
+        assert perm is None or dense.flags.c_contiguous
+        np.testing.assert_array_equal(np.asarray(_restored(jnp.asarray(dense), perm)), np.asarray(x))
+    assert _dense_source(base.T)[1] is not None and _dense_source(base)[1] is None
