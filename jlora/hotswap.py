@@ -27,7 +27,7 @@ import numpy as np
 
 from jlora.errors import InvalidAdapterError, KeyMismatchError, ShapeMismatchError
 from jlora.leaf import LoraLeaf, is_adapter_leaf
-from jlora.loading import _load, path_of
+from jlora.loading import _leaf_paths, _load, path_of
 
 PyTree = Any
 
@@ -37,8 +37,8 @@ PyTree = Any
 
 def _flat(tree: PyTree):
     """`([(path, leaf)], treedef)` of an adapter (or params) tree, `None` counted as a leaf."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapter_leaf)
-    return [(path_of(kp), leaf) for kp, leaf in flat], treedef
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_adapter_leaf)
+    return list(zip(_leaf_paths(tree, treedef, is_adapter_leaf), leaves)), treedef
 
 
 def _name(path: tuple[str, ...]) -> str:
@@ -265,6 +265,8 @@ def _dense_source(x) -> tuple[np.ndarray, tuple[int, ...] | None]:
     x = np.asarray(x)
     if x.ndim < 2 or x.flags.c_contiguous:
         return x, None
+    if x.T.flags.c_contiguous:  # the common case: every axis reversed
+        return x.T, tuple(range(x.ndim - 1, -1, -1))
     perm = tuple(int(i) for i in np.argsort([-abs(st) for st in x.strides], kind="stable"))
     dense = np.transpose(x, perm)
     return (dense, perm) if dense.flags.c_contiguous else (x, None)

@@ -64,14 +64,18 @@ def shape_index(params: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], 
 _PATHS: collections.OrderedDict = collections.OrderedDict()  # treedef -> leaf paths, the most recent trees
 
 
-def _leaf_paths(params: PyTree, treedef) -> tuple:
-    """The string paths of `params`' leaves; they depend on its structure only, so they are kept per treedef."""
+def _leaf_paths(params: PyTree, treedef, is_leaf=None) -> tuple:
+    """The string paths of the leaves of `params` (flattened with `is_leaf` into `treedef`); they depend on the
+    structure only, so they are kept per treedef."""
+    def compute():
+        return tuple(path_of(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)[0])
+
     try:
         paths = _PATHS.get(treedef)
     except TypeError:  # a custom node with unhashable metadata: not kept
-        return tuple(path_of(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+        return compute()
     if paths is None:
-        paths = tuple(path_of(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+        paths = compute()
         _PATHS[treedef] = paths
         while len(_PATHS) > 16:
             _PATHS.popitem(last=False)
