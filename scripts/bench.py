@@ -509,6 +509,14 @@ def _bench_hotswap(ref, paths, rank, repeat) -> list:
         return current[0]
 
     jd = _time(lambda: jax.block_until_ready(load_pad_donate()), repeat)
+
+    def swap_in_place():  # the file straight into the previous adapter's buffers
+        current[0] = jlora.hotswap_lora(paths[next(turn) % len(paths)], params, current[0], "unet")
+        return current[0]
+
+    for _ in paths:  # one compilation per rank layout
+        swap_in_place()
+    jh = _time(lambda: jax.block_until_ready(swap_in_place()), repeat)
     raw = _time(lambda: safetensors.numpy.load_file(paths[0]), repeat)
     warm = _time(lambda: jax.block_until_ready(step(params, template, 0.8, inputs)), repeat)
     compiles = step._cache_size()
@@ -530,6 +538,8 @@ def _bench_hotswap(ref, paths, rank, repeat) -> list:
         ("hotswap: jlora load+pad / diffusers load_lora_adapter(hotswap=True)", jl, dl, "file -> ready adapter"),
         ("hotswap: jlora load+pad(donate) / diffusers hotswap", jd, dl, "target <= 0.5; into the previous buffers"),
         ("hotswap: jlora load+pad(donate) / safetensors.numpy read", jd, raw, "target <= 2"),
+        ("hotswap: jlora hotswap_lora / diffusers hotswap", jh, dl, "target <= 0.5; file -> previous buffers"),
+        ("hotswap: jlora hotswap_lora / safetensors.numpy read", jh, raw, "target <= 2"),
         ("hotswap + step: jlora / diffusers hotswap + torch step", swap, dl + dstep, "same CPU, different frameworks"),
     ]
 
