@@ -27,7 +27,7 @@ import numpy as np
 
 from jlora.errors import InvalidAdapterError, KeyMismatchError, ShapeMismatchError
 from jlora.leaf import LoraLeaf, is_adapter_leaf
-from jlora.loading import _leaf_paths, _load, path_of
+from jlora.loading import _collector_paused, _leaf_paths, _load, path_of
 
 PyTree = Any
 
@@ -383,12 +383,13 @@ def hotswap_lora(
     >>> y = step(params, current, 0.8, *x)  # compiled once for every swap
     """
     name = component or "default"
-    adapters, report = _load(
-        source, {name: params}, default_component=name, format=format,
-        schemes={name: scheme} if scheme is not None else None, strict=strict, dtype=None, metadata=metadata,
-        file_kwargs=file_kwargs, prefixes=None if prefix is None else {"": prefix}, host=True,
-    )
-    swapped = _pad_in_place(adapters[name], template, host=True)
+    with _collector_paused():
+        adapters, report = _load(
+            source, {name: params}, default_component=name, format=format,
+            schemes={name: scheme} if scheme is not None else None, strict=strict, dtype=None, metadata=metadata,
+            file_kwargs=file_kwargs, prefixes=None if prefix is None else {"": prefix}, host=True,
+        )
+        swapped = _pad_in_place(adapters[name], template, host=True)
     return (swapped, report) if return_report else swapped
 
 
