@@ -370,13 +370,17 @@ def hotswap_lora(
     """Load a LoRA file straight into the buffers of `template` (diffusers' `load_lora_adapter(..., hotswap=True)`).
 
     The same result as `pad_adapter(load_lora(source, params, component, ...), template, donate=True)`, and
-    the same checks and errors, without the intermediate device arrays: the file's tensors go from its memory
-    map into the donated padding as arguments of its one compiled call, so each factor is copied once, into
-    the template's memory. `template` is consumed (its arrays are deleted); pass the result as the template
-    of the next swap. The first swap of each rank layout compiles once.
+    the same checks and errors, without the intermediate adapter: the file's tensors go from its memory map,
+    in the file's own layout, straight into the donated padding as arguments of its one compiled call, which
+    transposes them into Flax layout as it writes the template's memory. `template` is consumed (its arrays
+    are deleted) only once the file has been read and checked; pass the result as the template of the next
+    swap. The first swap of each rank layout compiles once.
 
     Args: as `load_lora` (`source`, `params`, `component`, `format`, `scheme`, `strict`, `metadata`,
       `prefix`, `return_report` and the file keywords); the factors take the template's dtype.
+
+    Raises: what `load_lora` and `pad_adapter` raise (a rank above the template's, a LoRA outside its
+      targets, a non-LoRA adapter); the template is then left as it was.
 
     >>> current = jlora.hotswap_template(params, rank=64, targets=r"to_(q|k|v|out_0)", dtype=jnp.bfloat16)
     >>> current = jlora.hotswap_lora("style.safetensors", params, current, "unet")
