@@ -493,3 +493,24 @@ def test_dense_sources_restore_every_host_view():
         assert perm is None or dense.flags.c_contiguous
         np.testing.assert_array_equal(np.asarray(_restored(jnp.asarray(dense), perm)), np.asarray(x))
     assert _dense_source(base.T)[1] is not None and _dense_source(base)[1] is None
+
+
+def test_hotswap_lora_keeps_a_sharded_templates_placement(unet, files, adapters):
+    """A template sharded next to its kernels (jlora.shard_adapter): the swapped factors keep its shardings and
+    buffers, and equal the host padding of the same file."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("model",))
+    spec = lambda x: P(*(None,) * (x.ndim - 1), "model") if x.ndim and x.shape[-1] % 8 == 0 else P()
+    params = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), unet.flax_params)
+    current = jlora.shard_adapter(hotswap_template(params, TEMPLATE_RANK, targets=UNET_REGEX), params)
+    current = jax.tree.map(jnp.copy, current)
+    shardings = lambda tree: [x.sharding for x in jax.tree.leaves(tree)]
+    before, pointers = shardings(current), [x.addressable_shards[0].data.unsafe_buffer_pointer() for x in jax.tree.leaves(current)]
+    assert any(not s.is_fully_replicated for s in before)
+    want = pad_adapter(adapters["full"]["unet"], hotswap_template(unet.flax_params, TEMPLATE_RANK, targets=UNET_REGEX))
+    current = jlora.hotswap_lora(files["full"], params, current, "unet")
+    assert shardings(current) == before
+    assert [x.addressable_shards[0].data.unsafe_buffer_pointer() for x in jax.tree.leaves(current)] == pointers
+    for got, ref in zip(jax.tree.leaves(current), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
