@@ -8,6 +8,7 @@ padding is checked against numpy's per-layer `alpha / r * a @ b`.
 """
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -252,6 +253,12 @@ def test_hotswap_lora_from_a_state_dict_copies_it_and_refuses_what_pad_adapter_r
     narrow = hotswap_template(params, TEMPLATE_RANK, targets=r"attn[12]/to_(q|k|v|out_0)")
     with pytest.raises(errors.KeyMismatchError, match=r"wider regex"):
         jlora.hotswap_lora(files["full"], params, narrow, "unet")
+    source = pathlib.Path(files["mixed"])
+    source = source if source.is_file() else next(source.glob("*.safetensors"))
+    truncated = source.with_name("truncated.safetensors")
+    truncated.write_bytes(source.read_bytes()[:-100])
+    with pytest.raises(errors.CorruptFileError):
+        jlora.hotswap_lora(str(truncated), params, narrow, "unet")
     assert not any(x.is_deleted() for x in jax.tree.leaves(small) + jax.tree.leaves(narrow))
 
 
