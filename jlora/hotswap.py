@@ -11,6 +11,11 @@ compiled step.
 >>> step = jax.jit(lambda p, a, s, *x: unet.apply({"params": jlora.apply(p, a, s)}, *x))
 >>> y = step(params, pad_adapter(jlora.load_lora(path, params, "unet"), template), 0.8, *x)
 
+`hotswap_lora` loads a file straight into the previous adapter's buffers (the padding donated), as
+diffusers' `load_lora_adapter(..., hotswap=True)` replaces the weights of the loaded adapter in place:
+
+>>> current = hotswap_lora(path, params, current, "unet")
+
 `stack_adapters` pads K adapters to one template and stacks them on a leading axis, the input of
 `jlora.per_sample`.
 """
