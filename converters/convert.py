@@ -21,7 +21,7 @@ import converters.formats  # noqa: F401  (registers the formats)
 import converters.schemes  # noqa: F401  (registers the table naming schemes)
 import converters.schemes_jax  # noqa: F401  (third-party JAX codebases' schemes)
 import converters.schemes_maxdiffusion_dit  # noqa: F401  (maxdiffusion's Z-Image and LTX-2)
-from converters import engine, layout, layout_lycoris
+from converters import engine, layout, layout_lycoris, plans
 from converters.formats import peft
 from converters.guess import guess_family
 from converters.naming import NamingScheme, Path, Target, detect_scheme, get_scheme, naming_schemes
@@ -370,6 +370,21 @@ def convert(
     """
     if not tensors:
         raise UnsupportedFormatError(f"{origin}: holds no tensors.")
+    key = plans.signature(tensors, header, targets, default_component=default_component, format=format,
+                          schemes=schemes, strict=strict, family=family)
+    replayed = plans.replay(key, tensors)
+    if replayed is not None:
+        placements, report = replayed
+        report.origin = origin
+        _check_leftovers(report, strict)  # strict=False: the warning the first conversion gave
+        return placements, report
+    placements, report = _convert_fresh(tensors, header, targets, default_component, format, schemes, strict, origin,
+                                        family)
+    plans.keep(key, tensors, placements, report)
+    return placements, report
+
+
+def _convert_fresh(tensors, header, targets, default_component, format, schemes, strict, origin, family):
     resolved, tables = _schemes_and_tables(targets, schemes)
     fmt = engine.get_format(format) if format else engine.detect_format(tensors.keys(), origin, modules=_modules(tables),
                                                                          family=family)

@@ -152,6 +152,7 @@ def bench_kohya_sdxl(repeat: int) -> None:
     from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as M
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from converters import plans
     from converters.architectures import SDXL_UNET, family_indexes
 
     tmp = tempfile.mkdtemp(prefix="jlora-bench-")
@@ -159,12 +160,18 @@ def bench_kohya_sdxl(repeat: int) -> None:
     n_modules = write_sdxl_kohya(path)
     indexes = family_indexes("sdxl")
     params = {c: jlora.abstract_params(indexes[c]) for c in ("unet", "text_encoder")}
+    def load(cold: bool):
+        if cold:  # a file of a structure not seen before: the rule tables run
+            plans.clear()
+        return jax.block_until_ready(jlora.load_lora_weights(path, params, family="sdxl"))
+
     times = _time_interleaved({  # fastest of interleaved rounds: the allocator's state falls on all alike
-        "jlora": lambda: jax.block_until_ready(jlora.load_lora_weights(path, params, family="sdxl")),
+        "jlora": lambda: load(False),
+        "cold": lambda: load(True),
         "numpy": lambda: safetensors.numpy.load_file(path),
         "flax": lambda: jax.block_until_ready(safetensors.flax.load_file(path)),
         "floor": lambda: jax.block_until_ready(_read_and_transfer(path))}, repeat)
-    jl, raw_np, raw_jax, floor = (times[k] for k in ("jlora", "numpy", "flax", "floor"))
+    jl, cold, raw_np, raw_jax, floor = (times[k] for k in ("jlora", "cold", "numpy", "flax", "floor"))
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET, attention_head_dim=(5, 10, 20))
@@ -183,7 +190,8 @@ def bench_kohya_sdxl(repeat: int) -> None:
         f"(SDXL UNet + CLIP-L shapes); jax {jax.__version__}, torch {torch.__version__}",
         [
             ("file -> adapters: jlora / diffusers load_lora_into_*", jl, dl, "target <= 0.1"),
-            ("file -> adapters: jlora / safetensors.numpy read", jl, raw_np, "target <= 2"),
+            ("file -> adapters: jlora / safetensors.numpy read", jl, raw_np, "target <= 2; structure seen"),
+            ("file -> adapters: jlora, new structure / numpy read", cold, raw_np, "conversion plans cleared"),
             ("file -> adapters: jlora / safetensors.flax read", jl, raw_jax, "both end in device arrays"),
             ("file -> adapters: jlora / read + device_put floor", jl, floor, "conversion overhead"),
             ("read + device_put floor / safetensors.numpy read", floor, raw_np, "no conversion at all"),
@@ -219,6 +227,7 @@ def bench_hotswap_sdxl(repeat: int, rank: int = 64) -> None:
     vs diffusers' `load_lora_adapter(hotswap=True)` on the fp16 UNet, vs a raw read of the same file."""
     from diffusers import UNet2DConditionModel
 
+    from converters import plans
     from converters.architectures import SDXL_UNET, family_indexes
     from jlora import hotswap_template, pad_adapter
 
@@ -230,7 +239,9 @@ def bench_hotswap_sdxl(repeat: int, rank: int = 64) -> None:
     current = [hotswap_template(params, rank, targets=[first], dtype=jax.numpy.float16)]
     del first
 
-    def swap(i):
+    def swap(i, cold=False):
+        if cold:  # a file of a structure not seen before: the rule tables run
+            plans.clear()
         current[0] = jlora.hotswap_lora(paths[i], params, current[0], "unet")
         return jax.block_until_ready(current[0])
 
@@ -241,7 +252,7 @@ def bench_hotswap_sdxl(repeat: int, rank: int = 64) -> None:
     for i in (0, 1, 0, 1):  # compiles the padding once per rank layout
         swap(i), load_and_pad(i)
     # each round swaps the rank-64 file in, then the rank-32 one: every swap replaces the other file's LoRA
-    times = _time_interleaved({"swap": lambda: swap(0), "swap_half": lambda: swap(1),
+    times = _time_interleaved({"swap": lambda: swap(0), "swap_half": lambda: swap(1), "swap_cold": lambda: swap(0, True),
                                "pad": lambda: load_and_pad(0), "pad_half": lambda: load_and_pad(1),
                                "load": lambda: jax.block_until_ready(jlora.load_lora(paths[0], params, "unet")),
                                "raw": lambda: safetensors.numpy.load_file(paths[0])}, repeat)
@@ -264,6 +275,7 @@ def bench_hotswap_sdxl(repeat: int, rank: int = 64) -> None:
         [
             (f"hotswap SDXL rank {rank}: jlora hotswap_lora / diffusers hotswap", times["swap"], dl["full"], "target <= 0.5; same file"),
             (f"hotswap SDXL rank {rank}: jlora hotswap_lora / safetensors.numpy read", times["swap"], times["raw"], "target <= 2"),
+            (f"hotswap SDXL rank {rank}: jlora, new structure / diffusers hotswap", times["swap_cold"], dl["full"], "conversion plans cleared"),
             (f"hotswap SDXL rank {rank}: jlora load_lora + pad(donate) / hotswap_lora", times["pad"], times["swap"], "two steps vs one"),
             (f"hotswap SDXL rank {rank // 2}: jlora hotswap_lora / diffusers hotswap", times["swap_half"], dl["half"], "into the rank-64 template"),
             (f"hotswap SDXL rank {rank // 2}: jlora load_lora + pad(donate) / hotswap_lora", times["pad_half"], times["swap_half"], ""),
