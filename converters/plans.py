@@ -1,11 +1,11 @@
 """Conversion plans: a conversion replayed for a file of the same structure.
 
 Files from one trainer share their keys, shapes and dtypes; a server swapping such LoRAs converts
-the same structure again and again. After a conversion whose every LoRA tensor is a view of one
-source tensor (renames, transposes and reshapes: what PEFT, kohya and most DiT files need), the
-result is kept as a plan: the records and placements with each array replaced by where it lies in
-its source tensor. A later conversion with the same signature (see `signature`) binds the plan to
-the new file's tensors instead of running the rule tables again.
+the same structure again and again. At the second conversion of a signature (see `signature`) whose
+every LoRA tensor is a view of one source tensor (renames, transposes and reshapes: what PEFT, kohya
+and most DiT files need), the result is kept as a plan: the records and placements with each array
+replaced by where it lies in its source tensor. A later conversion with that signature binds the plan
+to the new file's tensors instead of running the rule tables again; a file loaded once costs no plan.
 
 The signature holds everything a conversion reads apart from the values of large tensors, which
 conversions only move: the keys, shapes and dtypes of every tensor, the values of small ones
@@ -17,7 +17,6 @@ are not dense numpy arrays are not kept.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import copy
 import hashlib
@@ -38,6 +37,7 @@ _KINDS = frozenset({"lora", "dora"})  # leaf kinds whose fields are views of the
 _PLAIN = (str, int, float, bool, type(None), np.generic)
 
 _plans: collections.OrderedDict = collections.OrderedDict()
+_seen: collections.OrderedDict = collections.OrderedDict()  # signatures converted once, not kept yet
 _lock = threading.Lock()
 
 
@@ -61,17 +61,23 @@ class _View:
         return np.ndarray(self.shape, self.dtype, buffer=t, offset=self.offset, strides=self.strides)
 
 
-def _view_of(key: str, source: np.ndarray, x: np.ndarray, offset: int) -> _View:
-    """The `_View` of `x`, a view of `source` at byte `offset`: as a reshape and transpose of the whole
-    tensor where that gives exactly its shape and strides, else by offset and strides."""
-    if offset == 0 and x.dtype == source.dtype and x.size == source.size:
-        order = tuple(sorted(range(x.ndim), key=lambda i: -x.strides[i]))  # the axes in memory order
-        shape = tuple(x.shape[i] for i in order)
-        perm = tuple(order.index(i) for i in range(x.ndim))
-        y = source.reshape(shape).transpose(perm)
-        if y.shape == x.shape and y.strides == x.strides:
-            return _View(key, 0, shape, x.strides, x.dtype, perm)
-    return _View(key, offset, x.shape, x.strides, x.dtype)
+def _permuted(key: str, source: np.ndarray, x: np.ndarray) -> _View | None:
+    """`x` as `source.reshape(shape).transpose(perm)` (every layout rule's transpose or reshape of a whole
+    tensor), checked to give exactly its shape and strides; None when it is no such view."""
+    if x.size != source.size or x.dtype != source.dtype:
+        return None
+    shape, strides = x.shape, x.strides
+    if shape == source.shape and strides == source.strides:
+        return _View(key, 0, shape, strides, x.dtype, tuple(range(x.ndim)))
+    if shape == source.shape[::-1] and strides == source.strides[::-1]:  # the common transpose
+        return _View(key, 0, source.shape, strides, x.dtype, tuple(range(x.ndim - 1, -1, -1)))
+    order = sorted(range(x.ndim), key=x.strides.__getitem__, reverse=True)  # the axes in memory order
+    shape = tuple(x.shape[i] for i in order)
+    perm = tuple(order.index(i) for i in range(x.ndim))
+    y = source.reshape(shape).transpose(perm)
+    if y.shape == x.shape and y.strides == x.strides:
+        return _View(key, 0, shape, x.strides, x.dtype, perm)
+    return None
 
 
 class _Key:
@@ -154,8 +160,17 @@ def replay(key: _Key | None, tensors: Mapping[str, np.ndarray]):
 
 def keep(key: _Key | None, tensors: Mapping[str, np.ndarray], placements: Mapping[str, list[Placement]], report) -> None:
     """Keep the plan of a finished conversion under `key`, when every array it holds is a view of one tensor
-    of `tensors` (else nothing is kept)."""
+    of `tensors` (else nothing is kept). A signature's first conversion only marks it seen; its second one
+    makes the plan."""
     if key is None or report.malformed:
+        return
+    with _lock:  # a plan is made at a structure's second conversion: a file loaded once costs no plan
+        first = key not in _seen
+        _seen[key] = None
+        _seen.move_to_end(key)
+        while len(_seen) > 4 * SLOTS:
+            _seen.popitem(last=False)
+    if first:
         return
     locate = _locator(tensors)
     records: dict[int, tuple[int, Record]] = {}
@@ -180,7 +195,7 @@ def keep(key: _Key | None, tensors: Mapping[str, np.ndarray], placements: Mappin
                 elif not isinstance(value, _PLAIN):
                     return
                 fields[name] = value
-            out.append((records[id(rec)][0], dataclasses.replace(p, record=None, fields=fields)))
+            out.append((records[id(rec)][0], Placement(None, p.path, p.leaf, fields, p.layer, p.cols)))
     plan = _Plan(
         records=tuple(r for _, r in sorted(records.values(), key=lambda x: x[0])),
         placements={c: tuple(v) for c, v in kept.items()},
@@ -196,25 +211,36 @@ def keep(key: _Key | None, tensors: Mapping[str, np.ndarray], placements: Mappin
 
 def _locator(tensors: Mapping[str, np.ndarray]):
     """A function from an array to the `_View` that rebuilds it from one tensor of `tensors`, or None when it is
-    not a view of one of them (a computed array), or when tensors share memory."""
-    spans = sorted((t.__array_interface__["data"][0], t.nbytes, k) for k, t in tensors.items() if t.nbytes)
-    starts = [s for s, _, _ in spans]
-    if any(s1 < s0 + n0 for (s0, n0, _), s1 in zip(spans, starts[1:])):
-        return lambda x: None  # tensors sharing memory: a view's key would be ambiguous
+    not a view of exactly one of them (a computed array, or tensors sharing memory)."""
+    owners: dict[int, tuple[str, np.ndarray] | None] = {}
+    for key, t in tensors.items():  # a view's base is the array owning the memory it views
+        base = id(t if t.base is None else t.base)
+        owners[base] = None if base in owners else (key, t)
+    spans: list | None = None
+
+    def span_of(t: np.ndarray) -> tuple[int, int]:
+        ptr = t.__array_interface__["data"][0]
+        lo = ptr + sum(st * (n - 1) for st, n in zip(t.strides, t.shape) if st < 0)
+        hi = ptr + sum(st * (n - 1) for st, n in zip(t.strides, t.shape) if st > 0) + t.itemsize
+        return ptr, lo, hi
 
     def locate(x) -> _View | None:
+        nonlocal spans
         if type(x) is not np.ndarray or x.nbytes == 0:
             return None
-        ptr = x.__array_interface__["data"][0]
-        lo = ptr + sum(st * (n - 1) for st, n in zip(x.strides, x.shape) if st < 0)
-        hi = ptr + sum(st * (n - 1) for st, n in zip(x.strides, x.shape) if st > 0) + x.itemsize
-        i = bisect.bisect_right(starts, lo) - 1
-        if i < 0:
+        owner = owners.get(id(x if x.base is None else x.base))
+        if owner is None:
             return None
-        start, size, key = spans[i]
-        if hi > start + size:
+        key, t = owner
+        if t.base is None or (t.flags.c_contiguous and t.nbytes == getattr(t.base, "nbytes", -1)):
+            view = _permuted(key, t, x)  # the owner holds exactly t's bytes: a whole-size view is t reshaped
+            if view is not None:
+                return view
+        ptr, lo, hi = span_of(x)
+        t_ptr, t_lo, t_hi = span_of(t)
+        if not (t.flags.c_contiguous and t_lo <= lo and hi <= t_hi):
             return None
-        return _view_of(key, tensors[key], x, ptr - start)
+        return _View(key, ptr - t_ptr, x.shape, x.strides, x.dtype)
 
     return locate
 
@@ -223,3 +249,4 @@ def clear() -> None:
     """Forget every kept plan."""
     with _lock:
         _plans.clear()
+        _seen.clear()
