@@ -281,13 +281,18 @@ def _restored(x: jax.Array, perm: tuple[int, ...] | None) -> jax.Array:
     return x if perm is None else jnp.transpose(x, tuple(int(i) for i in np.argsort(perm)))
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
-def _pad_donating_from_host(like: list, factors: list, perms: tuple) -> list:
-    """`_pad_donating` for host factors `(a, b, alpha)` given as `_dense_source` pairs: the transposes into
-    Flax layout run on the device, fused with the padding into the donated buffers."""
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _pad_donating_from_host(like: list, factors: list, alphas: jax.Array, layout: tuple) -> list:
+    """`_pad_donating` for host factors `(a, b)` given as `_dense_source` arrays, with every alpha in one
+    float32 vector; `layout` holds, per leaf, the two perms and the alpha's `(start, shape)` (None: no leaf).
+    The transposes into Flax layout run on the device, fused with the padding into the donated buffers."""
     out = []
-    for t, f, p in zip(like, factors, perms):
-        leaf = None if f is None else LoraLeaf(a=_restored(f[0], p[0]), b=_restored(f[1], p[1]), alpha=f[2])
+    for t, f, spec in zip(like, factors, layout):
+        leaf = None
+        if spec is not None:
+            pa, pb, (start, shape) = spec
+            alpha = alphas[start:start + max(1, int(np.prod(shape)))].reshape(shape)
+            leaf = LoraLeaf(a=_restored(f[0], pa), b=_restored(f[1], pb), alpha=alpha)
         out.append(_padded_into(t, leaf))
     return out
 
@@ -305,15 +310,17 @@ def _pad_in_place(adapter: PyTree, template: PyTree, host: bool = False) -> PyTr
                                       "(jlora.hotswap_template or an adapter padded before).")
     like = [flat_t[i][1] for i in pos]
     if host:
-        factors, perms = [], []
+        factors, layout, alphas = [], [], []
         for i in pos:
             leaf = flat_a[i][1]
             if leaf is None:
-                factors.append(None), perms.append(None)
+                factors.append(None), layout.append(None)
                 continue
             (a, pa), (b, pb) = _dense_source(leaf.a), _dense_source(leaf.b)
-            factors.append((a, b, np.asarray(leaf.alpha))), perms.append((pa, pb))
-        new = _pad_donating_from_host(like, factors, tuple(perms))
+            alpha = np.asarray(leaf.alpha, np.float32)
+            factors.append((a, b)), layout.append((pa, pb, (len(alphas), alpha.shape)))
+            alphas.extend(alpha.ravel().tolist())
+        new = _pad_donating_from_host(like, factors, np.asarray(alphas, np.float32), tuple(layout))
     else:
         new = _pad_donating(like, [flat_a[i][1] for i in pos])
     out = [t for _, t in flat_t]
