@@ -181,3 +181,21 @@ def test_stacked_or_computed_conversions_are_not_kept(unet, tmp_path, fresh_conv
     third = jlora.load_lora(path, unet.flax_params, "unet")
     assert fresh_conversions == [path] * 3
     _same(first, third)
+
+
+def test_other_target_shapes_are_another_plan(unet, tmp_path, fresh_conversions):
+    """The params' shapes are part of the signature: a kernel of another shape is refused as a fresh load
+    refuses it, after the same file was replayed onto the right params."""
+    path = R.make_peft_lora_file(tmp_path / "a", [unet], rank=4, alpha=8, seed=1)
+    for _ in range(3):
+        adapter = jlora.load_lora(path, unet.flax_params, "unet")
+    assert len(fresh_conversions) == 2
+    _assert_close(_fused(unet, adapter), R.torch_fused_flax_params(unet, path), unet.flax_params, path)
+    flat = jax.tree_util.tree_flatten_with_path(unet.flax_params)[0]
+    target = next(kp for kp, x in flat if jax.tree_util.keystr(kp).endswith("['to_q']['kernel']"))
+    wider = jax.tree_util.tree_map_with_path(
+        lambda kp, x: jax.ShapeDtypeStruct((x.shape[0], x.shape[1] + 1), x.dtype) if kp == target else x,
+        unet.flax_params)
+    with pytest.raises(jlora.errors.ShapeMismatchError, match="to_q"):
+        jlora.load_lora(path, wider, "unet")
+    assert len(fresh_conversions) == 3
