@@ -216,7 +216,6 @@ def _locator(tensors: Mapping[str, np.ndarray]):
     for key, t in tensors.items():  # a view's base is the array owning the memory it views
         base = id(t if t.base is None else t.base)
         owners[base] = None if base in owners else (key, t)
-    spans: list | None = None
 
     def span_of(t: np.ndarray) -> tuple[int, int]:
         ptr = t.__array_interface__["data"][0]
@@ -225,7 +224,6 @@ def _locator(tensors: Mapping[str, np.ndarray]):
         return ptr, lo, hi
 
     def locate(x) -> _View | None:
-        nonlocal spans
         if type(x) is not np.ndarray or x.nbytes == 0:
             return None
         owner = owners.get(id(x if x.base is None else x.base))
