@@ -36,6 +36,43 @@ def _low_rank(a, b) -> jax.Array:
     return jnp.tensordot(_f32(a), _f32(b), axes=1, precision=_HI)
 
 
+# Up to this rank, `w + a @ b` runs on a CPU as one elementwise pass over `w` summing `r` outer products
+# (each weight element is read and written once), instead of a matrix product written to a temporary
+# and added in a second pass. At higher ranks the product itself costs more and the dot is faster.
+OUTER_SUM_MAX_RANK = 32
+
+
+def _outer_sum(a, b) -> jax.Array:
+    """`tensordot(a, b, 1)` as a sum of rank-1 outer products, accumulated in rank order (float32), so
+    zero factors padded onto the rank axis leave it bit for bit the same. XLA fuses it, and an add into
+    a weight, into one elementwise loop."""
+    acc = None
+    for k in range(a.shape[-1]):
+        bk = b[k] if b.ndim == 2 else b[:, k][:, None, :]  # (out,) or stacked (L, 1, out)
+        term = a[..., k:k + 1] * bk
+        acc = term if acc is None else acc + term
+    return acc
+
+
+@jax.custom_jvp
+def _add_low_rank(w, a, b) -> jax.Array:
+    """`w + tensordot(a, b, 1)` in float32 (all three float32; a 3-D `b` is stacked on a layer axis).
+
+    On a CPU, ranks up to `OUTER_SUM_MAX_RANK` take the single-pass outer-product sum; elsewhere (and
+    at higher ranks) the matrix product. Derivatives are the matrix products either way."""
+    if not 0 < a.shape[-1] <= OUTER_SUM_MAX_RANK:
+        return w + _low_rank(a, b)
+    return jax.lax.platform_dependent(w, a, b, cpu=lambda w, a, b: w + _outer_sum(a, b),
+                                      default=lambda w, a, b: w + _low_rank(a, b))
+
+
+@_add_low_rank.defjvp
+def _add_low_rank_jvp(primals, tangents):
+    w, a, b = primals
+    dw, da, db = tangents
+    return _add_low_rank(w, a, b), dw + _low_rank(da, b) + _low_rank(a, db)
+
+
 def _per_layer(x, ndim: int) -> jax.Array:
     """A scalar, or a per-layer vector broadcast against a stacked delta of `ndim` axes."""
     x = _f32(x)
@@ -158,7 +195,7 @@ class LoraLeaf(_LowRank, AdapterLeaf):
         """`w + scale * delta()`, with `scale * alpha / r` applied to the small factor `b`: the product is then
         the last op before the add, and no pass over a weight-sized array is spent on scaling."""
         b = _f32(self.b) * (_per_layer(self.alpha, jnp.ndim(self.b)) * (_f32(scale) / self.rank))
-        return _f32(w) + _low_rank(self.a, b)
+        return _add_low_rank(_f32(w), _f32(self.a), b)
 
     def partition_specs(self, spec: tuple):
         if jnp.ndim(self.b) == 3:  # stacked: layer axis first
