@@ -108,9 +108,19 @@ def apply(params: PyTree, adapter: PyTree, scale=1.0, *, component: str | None =
     return _map(merge, adapter, params, "apply")
 
 
+def _single_pass(leaf) -> bool:
+    """Whether `leaf` is a plain LoRA leaf, whose whole-weight merge has a single-pass form."""
+    return isinstance(leaf, LoraLeaf) and type(leaf).merge is LoraLeaf.merge
+
+
+def _merge_once(leaf, w, s) -> jax.Array:
+    """`leaf.merge(w, s)` for a whole-weight fuse (the single-pass form where there is one)."""
+    return leaf.merge(w, s, single_pass=True) if _single_pass(leaf) else leaf.merge(w, s)
+
+
 @jax.jit
 def _merge_list(weights: list, leaves: list, s) -> list:
-    return [leaf.merge(w, s).astype(w.dtype) for w, leaf in zip(weights, leaves)]
+    return [_merge_once(leaf, w, s).astype(w.dtype) for w, leaf in zip(weights, leaves)]
 
 
 def _merge_touched(params: PyTree, adapter: PyTree, s) -> PyTree:
@@ -259,6 +269,8 @@ def _unapply(params: PyTree, adapter: PyTree, s) -> PyTree:
         if leaf is None:
             return w
         _check_shape(leaf, w)
+        if _single_pass(leaf):
+            return _merge_once(leaf, w, -s).astype(w.dtype)
         return leaf.unmerge(w, s).astype(w.dtype)
 
     return _map(undo, adapter, params, "unfuse")

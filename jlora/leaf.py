@@ -36,9 +36,11 @@ def _low_rank(a, b) -> jax.Array:
     return jnp.tensordot(_f32(a), _f32(b), axes=1, precision=_HI)
 
 
-# Up to this rank, `w + a @ b` runs on a CPU as one elementwise pass over `w` summing `r` outer products
-# (each weight element is read and written once), instead of a matrix product written to a temporary
-# and added in a second pass. At higher ranks the product itself costs more and the dot is faster.
+# When `jlora.fuse` / `unfuse` merge a LoRA up to this rank on a CPU, `w + a @ b` runs as one elementwise
+# pass over `w` summing `r` outer products (each weight element is read and written once), instead of a
+# matrix product written to a temporary and added in a second pass. At higher ranks the product itself
+# costs more and the dot is faster. Inside a model call the merged kernel feeds a dot or conv, whose
+# operand layout XLA may change; there the matrix product stays (`LoraLeaf.merge(single_pass=False)`).
 OUTER_SUM_MAX_RANK = 32
 
 
@@ -191,11 +193,16 @@ class LoraLeaf(_LowRank, AdapterLeaf):
         d = _low_rank(self.a, self.b)
         return d * (_per_layer(self.alpha, d.ndim) / self.rank)
 
-    def merge(self, w: jax.Array, scale) -> jax.Array:
+    def merge(self, w: jax.Array, scale, *, single_pass: bool = False) -> jax.Array:
         """`w + scale * delta()`, with `scale * alpha / r` applied to the small factor `b`: the product is then
-        the last op before the add, and no pass over a weight-sized array is spent on scaling."""
+        the last op before the add, and no pass over a weight-sized array is spent on scaling.
+
+        `single_pass=True` (what `jlora.fuse` uses): on a CPU, up to rank `OUTER_SUM_MAX_RANK`, the product
+        and the add are one elementwise pass over `w` (float32 rounding differs from the dot's)."""
         b = _f32(self.b) * (_per_layer(self.alpha, jnp.ndim(self.b)) * (_f32(scale) / self.rank))
-        return _add_low_rank(_f32(w), _f32(self.a), b)
+        if single_pass:
+            return _add_low_rank(_f32(w), _f32(self.a), b)
+        return _f32(w) + _low_rank(self.a, b)
 
     def partition_specs(self, spec: tuple):
         if jnp.ndim(self.b) == 3:  # stacked: layer axis first

@@ -1,5 +1,6 @@
-"""The two ways a LoRA leaf adds `a @ b` into a weight: the matrix product, and (on a CPU, ranks up to
-`jlora.leaf.OUTER_SUM_MAX_RANK`) one elementwise pass summing rank-1 outer products.
+"""The two ways a LoRA leaf adds `a @ b` into a weight: the matrix product (inside model calls), and for
+`jlora.fuse` / `unfuse` (on a CPU, ranks up to `jlora.leaf.OUTER_SUM_MAX_RANK`) one elementwise pass
+summing rank-1 outer products.
 
 Reference: the same arithmetic in float64 numpy. Fusing a diffusers-written file against diffusers'
 `fuse_lora` runs through this path in tests/test_parity.py and tests/test_serving.py.
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import jlora
+from jlora.core import _merge_list
 from jlora.leaf import OUTER_SUM_MAX_RANK, LoraLeaf, _add_low_rank
 
 SCALE = 0.8
@@ -44,7 +46,7 @@ def _reference_merge(w, a, b, alpha, scale):
 @pytest.mark.parametrize("shape,rank", CASES)
 def test_merge_equals_the_float64_product(shape, rank):
     w, leaf, (a, b, alpha) = _leaf(shape, rank)
-    got = np.asarray(jax.jit(lambda w, l, s: l.merge(w, s))(w, leaf, SCALE))
+    got = np.asarray(jax.jit(lambda w, l, s: l.merge(w, s, single_pass=True))(w, leaf, SCALE))
     want = _reference_merge(w, a, b, alpha, SCALE)
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
 
@@ -54,7 +56,7 @@ def test_cpu_lowering_chooses_by_rank(rank):
     """The choice is visible in the lowered program: no matrix product up to the threshold on a CPU,
     the matrix product above it and on every other platform."""
     w, leaf, _ = _leaf((24, 40), rank)
-    fn = jax.jit(lambda w, l: l.merge(w, SCALE))
+    fn = jax.jit(lambda w, l: l.merge(w, SCALE, single_pass=True))
     cpu = fn.trace(w, leaf).lower(lowering_platforms=("cpu",)).as_text()
     cuda = fn.trace(w, leaf).lower(lowering_platforms=("cuda",)).as_text()
     assert ("dot_general" in cpu) == (rank > OUTER_SUM_MAX_RANK)
@@ -68,7 +70,7 @@ def test_gradients_and_jvp_are_the_products(shape, rank):
     g = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
 
     def loss(w, a, b):
-        return jnp.sum(LoraLeaf(a, b, leaf.alpha).merge(w, SCALE) * g)
+        return jnp.sum(LoraLeaf(a, b, leaf.alpha).merge(w, SCALE, single_pass=True) * g)
 
     gw, ga, gb = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(w, leaf.a, leaf.b)
     g64 = g.astype(np.float64)
@@ -86,7 +88,7 @@ def test_gradients_and_jvp_are_the_products(shape, rank):
     np.testing.assert_allclose(np.asarray(gb), want_b, rtol=1e-5, atol=1e-5 * np.abs(want_b).max())
 
     da = np.random.default_rng(2).standard_normal(a.shape).astype(np.float32)
-    _, tangent = jax.jvp(lambda a: LoraLeaf(a, leaf.b, leaf.alpha).merge(w, SCALE), (leaf.a,), (da,))
+    _, tangent = jax.jvp(lambda a: LoraLeaf(a, leaf.b, leaf.alpha).merge(w, SCALE, single_pass=True), (leaf.a,), (da,))
     want_t = _reference_merge(np.zeros_like(w), da, b, alpha, SCALE)
     np.testing.assert_allclose(np.asarray(tangent), want_t, rtol=1e-5, atol=1e-5 * np.abs(want_t).max())
 
@@ -109,3 +111,21 @@ def test_fuse_then_unfuse_restores_the_weights():
     adapter = {"dense": {"kernel": leaf}}
     restored = jlora.unfuse(jlora.fuse(params, adapter, SCALE), adapter, SCALE)
     np.testing.assert_allclose(np.asarray(restored["dense"]["kernel"]), w, atol=1e-5 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("shape,rank", [((24, 40), 8), ((3, 3, 8, 16), 4), ((24, 40), 48)])
+def test_fuse_and_apply_agree_and_use_their_paths(shape, rank):
+    """`fuse` (single pass up to the threshold) and `apply` (the matrix product, inside model calls) give
+    the float64 merge; lowered for a CPU, only `apply` and ranks above the threshold hold a dot."""
+    w, leaf, (a, b, alpha) = _leaf(shape, rank)
+    params, adapter = {"layer": {"kernel": jnp.asarray(w)}}, {"layer": {"kernel": leaf}}
+    want = _reference_merge(w, a, b, alpha, SCALE)
+    fused = np.asarray(jlora.fuse(params, adapter, SCALE)["layer"]["kernel"])
+    applied = np.asarray(jax.jit(jlora.apply)(params, adapter, SCALE)["layer"]["kernel"])
+    for got in (fused, applied):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+    lowered = {name: jax.jit(fn).trace(params, adapter, SCALE).lower(lowering_platforms=("cpu",)).as_text()
+               for name, fn in (("fuse", lambda p, a, s: _merge_list([p["layer"]["kernel"]], [a["layer"]["kernel"]], s)),
+                                ("apply", jlora.apply))}
+    assert ("dot_general" in lowered["fuse"]) == (rank > OUTER_SUM_MAX_RANK)
+    assert "dot_general" in lowered["apply"]
